@@ -1,0 +1,1 @@
+"""Forward model (projection of a deformed, rotated, shifted reference), CTF, and HEMNMA."""

@@ -1,0 +1,67 @@
+"""The ``deephemnma`` command line: one module per subcommand, listed explicitly below.
+
+Each subcommand module has a docstring (its help text), ``add_args(parser)`` and
+``main(args) -> int``. `main` is callable from tests: ``main(["convert", "a.star", "b.cs"])``.
+Errors caused by the user's input (`DeepHEMNMAError`) are printed as one line and give exit
+code 2; modules are imported only when their command runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import DeepHEMNMAError
+
+__all__ = ["COMMANDS", "main"]
+
+# (command name, module under deephemnma_bridge.cli, one-line summary)
+COMMANDS: list[tuple[str, str, str]] = [
+    ("convert", "convert", "convert particles between STAR 3.0, STAR 3.1+ and cryoSPARC .cs"),
+    ("subset", "subset", "write the rows of a full particle file selected in another file"),
+]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deephemnma",
+        description="DeepHEMNMA for RELION and cryoSPARC: normal modes, HEMNMA, deep learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, _module, summary in COMMANDS:
+        sub.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``deephemnma`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    top = _build_parser()
+    if not args_list or args_list[0].startswith("-"):
+        top.parse_args(args_list)  # handles --help / --version
+        top.print_help()
+        return 2
+    name = args_list[0]
+    modules = {n: m for n, m, _ in COMMANDS}
+    if name not in modules:
+        top.error(f"unknown command {name!r}; choose from {', '.join(modules)}")
+    module = importlib.import_module(f"{__name__}.{modules[name]}")
+    parser = argparse.ArgumentParser(
+        prog=f"deephemnma {name}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_args(parser)
+    args = parser.parse_args(args_list[1:])
+    try:
+        return int(module.main(args))
+    except DeepHEMNMAError as err:
+        print(f"deephemnma {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deephemnma {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Data shipped inside the package (the bundled adenylate kinase model)."""

@@ -1,0 +1,1 @@
+"""Normal modes of elastic network models (ANM and RTB)."""

@@ -1,0 +1,1 @@
+"""The ResNet34 + MLP regressor: model, datasets, training loop, checkpoints."""
