@@ -1,0 +1,238 @@
+"""Image preprocessing shared by HEMNMA alignment, training and inference (one function).
+
+`preprocess_images` applies, in this order:
+
+1. phase flip with the CTF at the **input** size and pixel size (``config.phase_flip``; needs
+   the particles' `CTFParams`);
+2. Fourier cropping to ``config.output_size_px`` (an ideal low-pass below the new Nyquist
+   frequency, so no aliasing; the centre pixel ``(N//2, N//2)`` maps to ``(n//2, n//2)`` and the
+   mean pixel value is kept), giving pixels of `output_pixel_size`;
+3. optional low-pass at ``config.lowpass_angstrom`` (raised-cosine edge one Fourier pixel wide);
+4. normalisation: ``"background"`` = zero mean and unit variance of the pixels **outside** the
+   circle of radius ``mask_radius_fraction * n/2`` around the centre (RELION's convention for
+   particle images), ``"whole"`` = over the whole image, ``"none"``;
+5. optional circular soft mask: 1 inside that circle, raised-cosine fall-off to 0 over
+   ``mask_edge_px`` pixels outside it.
+
+The config is stored in checkpoints (`PreprocessConfig.to_dict` / `from_dict`) so inference
+repeats exactly the preprocessing the network was trained on.
+
+Example
+-------
+>>> import torch
+>>> cfg = PreprocessConfig(output_size_px=32, phase_flip=False)
+>>> preprocess_images(torch.randn(2, 64, 64), pixel_size_angstrom=1.0, config=cfg).shape
+torch.Size([2, 32, 32])
+>>> output_pixel_size(1.0, 64, cfg)
+2.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .alignment.ctf import CTFParams, fourier_frequencies, phase_flip
+from .errors import InputError
+
+__all__ = [
+    "PreprocessConfig",
+    "circular_mask",
+    "fourier_crop",
+    "output_pixel_size",
+    "preprocess_images",
+]
+
+Normalise = Literal["background", "whole", "none"]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How particle images are preprocessed (see the module docstring for the order).
+
+    Attributes
+    ----------
+    output_size_px : int or None
+        Fourier-crop target side; None keeps the input size.
+    phase_flip : bool
+        Phase-flip with the CTF before cropping (default True).
+    normalise : {"background", "whole", "none"}
+        Zero mean / unit variance outside the mask circle, over the whole image, or not at all.
+    mask_radius_fraction : float
+        Radius of the circle as a fraction of half the output box (0 < f <= 1).
+    soft_mask : bool
+        Multiply by a circular mask with a raised-cosine edge.
+    mask_edge_px : float
+        Width of that edge, output pixels.
+    lowpass_angstrom : float or None
+        Extra low-pass resolution (Å); None: none.
+    """
+
+    output_size_px: int | None = None
+    phase_flip: bool = True
+    normalise: Normalise = "background"
+    mask_radius_fraction: float = 0.9
+    soft_mask: bool = False
+    mask_edge_px: float = 4.0
+    lowpass_angstrom: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.output_size_px is not None and self.output_size_px < 4:
+            raise InputError(
+                f"preprocessing output size must be >= 4 px, got {self.output_size_px}"
+            )
+        if self.normalise not in ("background", "whole", "none"):
+            raise InputError(
+                f"normalise must be 'background', 'whole' or 'none', got {self.normalise!r}"
+            )
+        if not 0 < self.mask_radius_fraction <= 1:
+            raise InputError(
+                f"mask_radius_fraction must be in (0, 1], got {self.mask_radius_fraction}"
+            )
+        if self.mask_edge_px < 0:
+            raise InputError(f"mask_edge_px must be >= 0, got {self.mask_edge_px}")
+        if self.lowpass_angstrom is not None and self.lowpass_angstrom <= 0:
+            raise InputError(f"lowpass_angstrom must be > 0, got {self.lowpass_angstrom}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-able) for checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PreprocessConfig:
+        """Inverse of `to_dict`; unknown keys are an error (a newer checkpoint format)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise InputError(f"unknown preprocessing settings {sorted(unknown)} in checkpoint")
+        return cls(**dict(values))
+
+
+def output_pixel_size(
+    pixel_size_angstrom: float, input_size_px: int, config: PreprocessConfig
+) -> float:
+    """Pixel size (Å) of the preprocessed images."""
+    out = input_size_px if config.output_size_px is None else config.output_size_px
+    return pixel_size_angstrom * input_size_px / out
+
+
+def fourier_crop(images: torch.Tensor, output_size_px: int) -> torch.Tensor:
+    """Fourier-crop (B, N, N) images to (B, n, n), n <= N, keeping the mean pixel value.
+
+    The centre pixel (N//2, N//2) goes to (n//2, n//2). Frequencies at or above the new
+    Nyquist are dropped (ideal antialiasing filter).
+    """
+    n_in = int(images.shape[-1])
+    n = int(output_size_px)
+    if n > n_in:
+        raise InputError(f"cannot Fourier-crop {n_in} px images to a larger size {n} px")
+    if n == n_in:
+        return images
+    spec = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+    rows = torch.cat([torch.arange(0, (n + 1) // 2), torch.arange(n_in - n // 2, n_in)])
+    cropped = spec[..., rows.to(spec.device), : n // 2 + 1]
+    if n % 2 == 0:
+        # the new Nyquist row and column would alias +k and -k: drop them
+        cropped = cropped.clone()
+        cropped[..., n // 2, :] = 0
+        cropped[..., :, n // 2] = 0
+    out = torch.fft.irfft2(cropped, s=(n, n)) * (n * n) / (n_in * n_in)
+    return torch.fft.fftshift(out, dim=(-2, -1))
+
+
+def circular_mask(
+    size_px: int,
+    *,
+    radius_px: float,
+    edge_px: float = 0.0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(size, size) mask around pixel (size//2, size//2): 1 within ``radius_px``, a raised cosine
+    down to 0 at ``radius_px + edge_px`` (hard edge when 0)."""
+    c = torch.arange(size_px, device=device, dtype=dtype) - size_px // 2
+    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    if edge_px <= 0:
+        return (r <= radius_px).to(dtype)
+    t = ((r - radius_px) / edge_px).clamp(0, 1)
+    return 0.5 * (1 + torch.cos(math.pi * t))
+
+
+def _lowpass(images: torch.Tensor, pixel_size_angstrom: float, resolution: float) -> torch.Tensor:
+    n = int(images.shape[-1])
+    ky, kx = fourier_frequencies(n, pixel_size_angstrom, device=images.device, dtype=images.dtype)
+    k = torch.sqrt(kx * kx + ky * ky)
+    k_cut = 1.0 / resolution
+    width = 1.0 / (n * pixel_size_angstrom)
+    t = ((k - k_cut) / width).clamp(0, 1)
+    weights = 0.5 * (1 + torch.cos(math.pi * t))
+    return torch.fft.irfft2(torch.fft.rfft2(images) * weights, s=(n, n))
+
+
+def preprocess_images(
+    images: torch.Tensor,
+    *,
+    pixel_size_angstrom: float,
+    config: PreprocessConfig,
+    ctf: CTFParams | None = None,
+) -> torch.Tensor:
+    """Preprocess particle images for alignment, training or inference.
+
+    Parameters
+    ----------
+    images : tensor (B, H, W), H == W
+        Raw particle images (any float dtype; computed in float32 at least).
+    pixel_size_angstrom : float
+        Pixel size of ``images``.
+    config : PreprocessConfig
+    ctf : CTFParams, optional
+        CTF of the B particles; required when ``config.phase_flip``.
+
+    Returns
+    -------
+    tensor (B, out, out)
+        ``out = config.output_size_px`` (or H), pixel size `output_pixel_size`.
+    """
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise InputError(f"images must have shape (B, N, N), got {tuple(images.shape)}")
+    if pixel_size_angstrom <= 0:
+        raise InputError(f"pixel size must be > 0 Å, got {pixel_size_angstrom}")
+    x = images if images.is_floating_point() and images.dtype != torch.float16 else images.float()
+    n_in = int(x.shape[-1])
+    if config.phase_flip:
+        if ctf is None:
+            raise InputError(
+                "phase flipping needs the particles' CTF parameters; pass ctf= or "
+                "set phase_flip=False (for images that are already phase-flipped)"
+            )
+        x = phase_flip(x, ctf.to(x.device), pixel_size_angstrom=pixel_size_angstrom)
+    n = n_in if config.output_size_px is None else config.output_size_px
+    x = fourier_crop(x, n)
+    pix = output_pixel_size(pixel_size_angstrom, n_in, config)
+    if config.lowpass_angstrom is not None:
+        x = _lowpass(x, pix, config.lowpass_angstrom)
+    radius = config.mask_radius_fraction * n / 2
+    if config.normalise != "none":
+        if config.normalise == "background":
+            region = circular_mask(n, radius_px=radius, device=x.device, dtype=x.dtype) == 0
+            if int(region.sum()) < 2:
+                raise InputError(
+                    "no background pixels outside the mask circle; lower "
+                    "mask_radius_fraction or use normalise='whole'"
+                )
+            values = x[:, region]
+        else:
+            values = x.reshape(x.shape[0], -1)
+        mean = values.mean(dim=1)
+        std = values.std(dim=1).clamp_min(torch.finfo(x.dtype).tiny ** 0.5)
+        x = (x - mean[:, None, None]) / std[:, None, None]
+    if config.soft_mask:
+        x = x * circular_mask(
+            n, radius_px=radius, edge_px=config.mask_edge_px, device=x.device, dtype=x.dtype
+        )
+    return x
