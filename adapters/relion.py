@@ -1,0 +1,569 @@
+"""RELION particle STAR files (3.0, 3.1, 4.0, 5.0) <-> `ParticleTable`, lossless.
+
+Reading (``../shared/docs/INTEROP.md`` 1.3-1.7): a file with an ``optics`` block is 3.1+
+(particles in block ``particles``, else the largest other loop; optics joined through
+``rlnOpticsGroup``; origins in Å); otherwise it is 3.0 (one loop; optics values per particle;
+pixel size ``1e4 * rlnDetectorPixelSize / rlnMagnification`` with RELION 3.0's default
+magnification of 10,000 when only the detector pixel size is given, or a stray
+``rlnImagePixelSize``; origins in pixels). 3.0 particles are grouped into optics groups by
+identical optics values, as RELION 3.1 does when it upgrades a 3.0 file.
+``rlnImageName`` is ``N@stack`` with any zero padding (a name without ``@`` is a single-image
+file, index 0). CTF values missing everywhere take RELION's defaults. Our ``dhn*`` columns go to
+``table.extra``; a RELION 3.0 file's ``<stem>_dhn.csv`` side file is read back too.
+
+Writing starts from the rows that were read (every column kept, in order; optics and other blocks
+verbatim) and replaces only the poses (``rlnAngleRot/Tilt/Psi``), the origins and our ``dhn*``
+columns. A table that did not come from a STAR file is written from its fields. 3.1+ output
+(readable by RELION 3.1, 4.0 and 5.0) has ``# version 30001`` tags and origins in Å; 3.0 output
+has one loop with 3.0 labels only, origins in pixels, optics values per particle, and our values
+plus any label RELION 3.0 does not know in the side file ``<stem>_dhn.csv``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from deephemnma_bridge.conventions import euler_to_matrix, matrix_to_euler
+from deephemnma_bridge.errors import InputError, ParticleFileError
+from deephemnma_bridge.fileutils import atomic_path, check_not_input
+from deephemnma_bridge.particles import ParticleTable, SourceRows
+
+from .images import read_stack_header, resolve_stack
+from .star import read_star_blocks, write_star_blocks
+
+__all__ = ["read_relion_particles", "write_relion_particles"]
+
+RelionOutput = Literal["3.0", "3.1"]
+
+ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+ORIGINS_A = ("rlnOriginXAngst", "rlnOriginYAngst")
+ORIGINS_PX = ("rlnOriginX", "rlnOriginY")
+# RELION 3.0 optics values that 3.1 moves to the optics table (star_converter.cpp)
+OPTICS_30 = (
+    "rlnAmplitudeContrast",
+    "rlnBeamTiltX",
+    "rlnBeamTiltY",
+    "rlnSphericalAberration",
+    "rlnVoltage",
+    "rlnDetectorPixelSize",
+    "rlnMagnification",
+)
+# labels introduced in RELION 3.1 (not in ver3.0 metadata_label.h): never written to 3.0 files
+LABELS_NEW_IN_31 = frozenset(
+    {
+        "rlnOpticsGroup",
+        "rlnOpticsGroupName",
+        "rlnImagePixelSize",
+        "rlnMicrographPixelSize",
+        "rlnMicrographOriginalPixelSize",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "rlnOriginZAngst",
+        "rlnOriginXPriorAngst",
+        "rlnOriginYPriorAngst",
+        "rlnOriginZPriorAngst",
+        "rlnOddZernike",
+        "rlnEvenZernike",
+        "rlnMagMat00",
+        "rlnMagMat01",
+        "rlnMagMat10",
+        "rlnMagMat11",
+        "rlnMtfFileName",
+    }
+)
+# RELION's CTF defaults when a value is absent everywhere (ctf.cpp readByGroup / readValue)
+CTF_DEFAULTS = {
+    "rlnVoltage": 200.0,
+    "rlnDefocusU": 0.0,
+    "rlnDefocusAngle": 0.0,
+    "rlnSphericalAberration": 0.0,
+    "rlnCtfBfactor": 0.0,
+    "rlnAmplitudeContrast": 0.0,
+    "rlnPhaseShift": 0.0,
+}
+SIDE_SUFFIX = "_dhn.csv"
+# labels that belong in data_optics (used when a .cs carries STAR columns as rln/ fields)
+OPTICS_LABELS = frozenset(
+    {
+        "rlnOpticsGroupName",
+        "rlnMtfFileName",
+        "rlnBeamTiltX",
+        "rlnBeamTiltY",
+        "rlnOddZernike",
+        "rlnEvenZernike",
+        "rlnMagMat00",
+        "rlnMagMat01",
+        "rlnMagMat10",
+        "rlnMagMat11",
+        "rlnMicrographOriginalPixelSize",
+        "rlnImageDimensionality",
+        "rlnCtfDataAreCtfPremultiplied",
+        "rlnCtfDataArePhaseFlipped",
+    }
+)
+
+
+def _side_file(path: Path) -> Path:
+    return path.with_name(path.stem + SIDE_SUFFIX)
+
+
+def _pick_particle_block(path: Path, blocks: dict[str, Any]) -> tuple[str, pd.DataFrame]:
+    loops = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame) and k != "optics"}
+    if "particles" in loops:
+        return "particles", loops["particles"]
+    with_images = {k: v for k, v in loops.items() if "rlnImageName" in v.columns}
+    candidates = with_images or loops
+    if not candidates:
+        raise ParticleFileError(f"{path}: no particle table (a loop with rlnImageName) found")
+    name = max(candidates, key=lambda k: len(candidates[k]))
+    return name, candidates[name]
+
+
+def _check_values(path: Path, df: pd.DataFrame, table: str) -> None:
+    """NaN (also from truncated rows) or inf anywhere -> error naming the row and column."""
+    missing = df.isna().to_numpy()
+    if missing.any():
+        row, col = np.argwhere(missing)[0]
+        raise ParticleFileError(
+            f"{path}: table {table!r} row {row + 1} has no value for column "
+            f"{df.columns[col]} (truncated row or 'nan'); fix or remove that row"
+        )
+    numeric = df.select_dtypes(include="number")
+    if numeric.shape[1]:
+        bad = ~np.isfinite(numeric.to_numpy(dtype=np.float64))
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise ParticleFileError(
+                f"{path}: table {table!r} row {row + 1} column {numeric.columns[col]} is "
+                f"{numeric.iat[row, col]!r}; every value must be finite"
+            )
+
+
+def _split_image_names(path: Path, names: pd.Series) -> tuple[NDArray[Any], NDArray[np.int64]]:
+    text = names.astype(str)
+    has_at = text.str.contains("@", regex=False)
+    parts = text.str.split("@", n=1, expand=True)
+    if parts.shape[1] == 1:  # no row has '@': single-image files
+        return text.to_numpy(dtype=object), np.zeros(len(text), dtype=np.int64)
+    number = pd.to_numeric(parts[0].where(has_at), errors="coerce")
+    bad = has_at & (number.isna() | (number < 1))
+    if bool(bad.any()):
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ParticleFileError(
+            f"{path}: row {row + 1} rlnImageName {text.iloc[row]!r} is not of the form N@stack "
+            "with N >= 1"
+        )
+    stacks = parts[1].where(has_at, text).str.strip()
+    index0: NDArray[np.int64] = np.asarray(number.fillna(1), dtype=np.int64) - 1
+    return stacks.to_numpy(dtype=object), index0
+
+
+class _Columns:
+    """Value lookup: particle column, else optics column mapped by group, else default."""
+
+    def __init__(
+        self, particles: pd.DataFrame, optics: pd.DataFrame | None, groups: NDArray[np.int64]
+    ) -> None:
+        self.particles = particles
+        self.optics = optics
+        self.groups = groups
+
+    def has(self, label: str) -> bool:
+        return label in self.particles.columns or (
+            self.optics is not None and label in self.optics.columns
+        )
+
+    def get(self, label: str, default: float = 0.0) -> NDArray[np.float64]:
+        if label in self.particles.columns:
+            return self.particles[label].to_numpy(dtype=np.float64)
+        if self.optics is not None and label in self.optics.columns:
+            by_group = self.optics.set_index("rlnOpticsGroup")[label]
+            return by_group.reindex(self.groups).to_numpy(dtype=np.float64)
+        return np.full(len(self.particles), float(default))
+
+
+def _optics_groups_30(particles: pd.DataFrame) -> NDArray[np.int64]:
+    cols = [c for c in OPTICS_30 if c in particles.columns]
+    if not cols:
+        return np.ones(len(particles), dtype=np.int64)
+    codes = particles.groupby(cols, sort=False).ngroup().to_numpy()
+    return (codes + 1).astype(np.int64)
+
+
+def read_relion_particles(
+    path: str | os.PathLike[str], *, pixel_size_angstrom: float | None = None
+) -> ParticleTable:
+    """Read a RELION particle STAR file (3.0 to 5.0).
+
+    Parameters
+    ----------
+    path : path-like
+        The STAR file.
+    pixel_size_angstrom : float, optional
+        Pixel size to use when the file does not give one (RELION 3.0 files without
+        ``rlnDetectorPixelSize``); overrides the file's value when given.
+
+    Raises
+    ------
+    ParticleFileError
+        Missing/unreadable file, no particle table, missing ``rlnImageName``, undefined optics
+        group, non-finite values, mixed box sizes, no pixel size.
+    """
+    p = Path(path)
+    blocks = read_star_blocks(p)
+    name, particles = _pick_particle_block(p, blocks)
+    optics = blocks.get("optics")
+    fmt: Literal["relion30", "relion31"] = "relion31" if optics is not None else "relion30"
+    if not isinstance(optics, pd.DataFrame):
+        optics = None
+    if "rlnImageName" not in particles.columns:
+        raise ParticleFileError(
+            f"{p}: table {name!r} has no rlnImageName column; a particle file names each "
+            "particle's image as N@stack"
+        )
+    if len(particles) == 0:
+        raise ParticleFileError(f"{p}: table {name!r} has no particles")
+    _check_values(p, particles, name)
+    if optics is not None:
+        _check_values(p, optics, "optics")
+        if "rlnOpticsGroup" not in particles.columns or "rlnOpticsGroup" not in optics.columns:
+            raise ParticleFileError(f"{p}: rlnOpticsGroup is missing from particles or optics")
+        groups = particles["rlnOpticsGroup"].to_numpy(dtype=np.int64)
+        unknown = ~np.isin(groups, optics["rlnOpticsGroup"].to_numpy(dtype=np.int64))
+        if unknown.any():
+            row = int(np.flatnonzero(unknown)[0])
+            raise ParticleFileError(
+                f"{p}: row {row + 1} uses optics group {groups[row]}, which the optics table "
+                "does not define; add it to data_optics or fix rlnOpticsGroup"
+            )
+    else:
+        groups = _optics_groups_30(particles)
+    cols = _Columns(particles, optics, groups)
+    n = len(particles)
+
+    # pixel size
+    if pixel_size_angstrom is not None:
+        if pixel_size_angstrom <= 0:
+            raise InputError(f"pixel_size_angstrom must be > 0, got {pixel_size_angstrom}")
+        psize = np.full(n, float(pixel_size_angstrom))
+    elif cols.has("rlnImagePixelSize"):
+        psize = cols.get("rlnImagePixelSize")
+    elif fmt == "relion30" and cols.has("rlnDetectorPixelSize"):
+        mag = cols.get("rlnMagnification", 10000.0)  # RELION 3.0's default magnification
+        psize = 1e4 * cols.get("rlnDetectorPixelSize") / mag
+    else:
+        raise ParticleFileError(
+            f"{p}: no pixel size (rlnImagePixelSize in data_optics, or rlnDetectorPixelSize and "
+            "rlnMagnification for RELION 3.0); give it with pixel_size_angstrom= / --pixel-size"
+        )
+    if np.any(psize <= 0):
+        raise ParticleFileError(f"{p}: pixel size must be > 0, found {psize.min()}")
+
+    paths, index0 = _split_image_names(p, particles["rlnImageName"])
+
+    # poses and origins
+    rotations = None
+    if all(a in particles.columns for a in ANGLES):
+        angles = particles[list(ANGLES)].to_numpy(dtype=np.float64)
+        rotations = euler_to_matrix(angles)
+    if fmt == "relion31":
+        shifts = np.stack([cols.get(a, 0.0) for a in ORIGINS_A], axis=1)
+    else:
+        shifts = np.stack([cols.get(a, 0.0) for a in ORIGINS_PX], axis=1) * psize[:, None]
+
+    # box size: rlnImageSize, else 0 (unknown until the stack is opened)
+    box = np.asarray(cols.get("rlnImageSize", 0.0))
+    star_dir = p.resolve().parent
+    search = [star_dir, *list(star_dir.parents)[:3], Path.cwd()]
+    if not box.any():
+        box = np.full(n, _box_from_stack(str(paths[0]), [str(d) for d in search]), dtype=np.int64)
+    if len(np.unique(box)) > 1:
+        sizes = ", ".join(str(int(b)) for b in np.unique(box)[:5])
+        raise ParticleFileError(
+            f"{p}: particles of different box sizes ({sizes} px) in one file; split the file "
+            "by optics group (relion_star_handler --split_by_optics) and process each"
+        )
+
+    defocus_u = cols.get("rlnDefocusU", CTF_DEFAULTS["rlnDefocusU"])
+    defocus_v = cols.get("rlnDefocusV") if cols.has("rlnDefocusV") else defocus_u
+    extra: dict[str, NDArray[Any]] = {}
+    for col in particles.columns:
+        if col.startswith("dhn"):
+            extra[col] = particles[col].to_numpy()
+    side = _side_file(p)
+    if fmt == "relion30" and side.is_file():
+        extra.update(_read_side_file(side, particles["rlnImageName"]))
+    other = {k: v for k, v in blocks.items() if k not in (name, "optics")}
+    return ParticleTable(
+        image_paths=paths,
+        image_indices=index0,
+        rotation_matrices=rotations,
+        shifts_angstrom=shifts,
+        defocus_u_angstrom=defocus_u,
+        defocus_v_angstrom=defocus_v,
+        defocus_angle_degrees=cols.get("rlnDefocusAngle", 0.0),
+        voltage_kv=cols.get("rlnVoltage", CTF_DEFAULTS["rlnVoltage"]),
+        spherical_aberration_mm=cols.get("rlnSphericalAberration", 0.0),
+        amplitude_contrast=cols.get("rlnAmplitudeContrast", 0.0),
+        phase_shift_degrees=cols.get("rlnPhaseShift", 0.0),
+        bfactor_angstrom2=cols.get("rlnCtfBfactor", 0.0),
+        pixel_size_angstrom=psize,
+        box_size_px=box.astype(np.int64),
+        optics_group=groups,
+        half_set=particles["rlnRandomSubset"].to_numpy()
+        if "rlnRandomSubset" in particles
+        else None,
+        class_number=(
+            particles["rlnClassNumber"].to_numpy() if "rlnClassNumber" in particles else None
+        ),
+        extra=extra,
+        source=SourceRows(
+            format=fmt,
+            rows=particles.reset_index(drop=True),
+            optics=optics,
+            other_blocks=other,
+            path=str(p),
+        ),
+        search_dirs=tuple(str(d) for d in search),
+    )
+
+
+def _box_from_stack(stack: str, search_dirs: list[str]) -> int:
+    """Box size from the first stack's header (as RELION 3.1 does for 3.0 files); 0 if absent."""
+    try:
+        n_img, ny, nx, _ = read_stack_header(resolve_stack(stack, search_dirs))
+    except (ParticleFileError, OSError, ValueError):
+        return 0
+    return nx if n_img and ny == nx else 0
+
+
+def _read_side_file(side: Path, image_names: pd.Series) -> dict[str, NDArray[Any]]:
+    values = pd.read_csv(side, keep_default_na=False)
+    if "rlnImageName" not in values.columns:
+        raise ParticleFileError(f"{side}: side file without an rlnImageName column")
+    values = values.set_index("rlnImageName")
+    missing = ~image_names.isin(values.index)
+    if bool(missing.any()):
+        first = image_names[missing].iloc[0]
+        raise ParticleFileError(f"{side}: no row for particle {first}; delete the stale side file")
+    aligned = values.reindex(image_names.to_numpy())
+    return {c: aligned[c].to_numpy() for c in aligned.columns if c.startswith("dhn")}
+
+
+# ---------------------------------------------------------------------------------- writing
+def _image_names(table: ParticleTable) -> NDArray[Any]:
+    numbers = pd.Series(table.image_indices + 1).map("{:06d}".format)
+    return (numbers + "@" + pd.Series(table.image_paths, dtype=object).astype(str)).to_numpy()
+
+
+def _optics_from_fields(table: ParticleTable) -> pd.DataFrame:
+    first = pd.Series(np.arange(len(table))).groupby(table.optics_group).first()
+    idx = first.to_numpy()
+    groups = first.index.to_numpy(dtype=np.int64)
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": groups,
+            "rlnOpticsGroupName": [f"opticsGroup{g}" for g in groups],
+            "rlnAmplitudeContrast": table.amplitude_contrast[idx],
+            "rlnSphericalAberration": table.spherical_aberration_mm[idx],
+            "rlnVoltage": table.voltage_kv[idx],
+            "rlnImagePixelSize": table.pixel_size_angstrom[idx],
+            "rlnImageSize": table.box_size_px[idx],
+            "rlnImageDimensionality": np.full(len(groups), 2, dtype=np.int64),
+        }
+    )
+    for label, values in _carried_star_columns(table).items():
+        if label in OPTICS_LABELS:
+            optics[label] = values[idx]
+    return optics
+
+
+def _carried_star_columns(table: ParticleTable) -> dict[str, NDArray[Any]]:
+    """STAR columns a .cs carries as ``rln/<label>`` fields (written by our .cs writer)."""
+    src = table.source
+    if src is None or src.format != "cryosparc":
+        return {}
+    out: dict[str, NDArray[Any]] = {}
+    for name in src.rows.dtype.names or ():
+        if name.startswith("rln/"):
+            values = np.asarray(src.rows[name])
+            if values.dtype.kind == "S":
+                values = pd.Series(values).str.decode("utf-8").to_numpy(dtype=object)
+            out[name[4:]] = values
+    return out
+
+
+def _particles_from_fields(table: ParticleTable) -> pd.DataFrame:
+    df = pd.DataFrame(
+        {
+            "rlnImageName": _image_names(table),
+            "rlnDefocusU": table.defocus_u_angstrom,
+            "rlnDefocusV": table.defocus_v_angstrom,
+            "rlnDefocusAngle": table.defocus_angle_degrees,
+            "rlnPhaseShift": table.phase_shift_degrees,
+            "rlnCtfBfactor": table.bfactor_angstrom2,
+            "rlnOpticsGroup": table.optics_group,
+        }
+    )
+    if table.half_set is not None:
+        df["rlnRandomSubset"] = table.half_set
+    if table.class_number is not None:
+        df["rlnClassNumber"] = table.class_number
+    if table.uids is not None:
+        df["dhnCsUid"] = pd.Series(table.uids.astype(str), dtype=object)
+    if table.source is not None and table.source.format == "cryosparc":
+        _add_cryosparc_context(df, table.source.rows)
+        for label, values in _carried_star_columns(table).items():
+            if label not in OPTICS_LABELS and label not in df.columns:
+                df[label] = values
+    return df
+
+
+def _add_cryosparc_context(df: pd.DataFrame, records: Any) -> None:
+    """Micrograph name and coordinates from cryoSPARC ``location/`` fields (pyem's mapping)."""
+    names = records.dtype.names or ()
+    if "location/micrograph_path" in names:
+        mic = pd.Series(records["location/micrograph_path"]).map(
+            lambda b: (b.decode() if isinstance(b, bytes) else str(b)).lstrip(">")
+        )
+        df.insert(1, "rlnMicrographName", mic.to_numpy(dtype=object))
+    if {"location/center_x_frac", "location/micrograph_shape"} <= set(names):
+        shape = np.asarray(records["location/micrograph_shape"], dtype=np.float64)
+        df["rlnCoordinateX"] = records["location/center_x_frac"] * shape[:, 1]
+        df["rlnCoordinateY"] = (1.0 - records["location/center_y_frac"]) * shape[:, 0]
+
+
+def _set_column(df: pd.DataFrame, label: str, values: NDArray[Any]) -> None:
+    if label in df.columns:
+        df[label] = values
+    else:
+        df.insert(len(df.columns), label, values)
+
+
+def _update_column(df: pd.DataFrame, label: str, values: NDArray[Any], keep: NDArray[Any]) -> None:
+    """Set ``label`` to ``values`` except where ``keep``: unchanged rows keep their text."""
+    if keep.all():
+        return
+    if label in df.columns and keep.any():
+        column = df[label].astype(object).to_numpy()
+        column[~keep] = values[~keep]
+        df[label] = column
+    else:
+        _set_column(df, label, values)
+
+
+def _to_30(df: pd.DataFrame, table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """3.0 rows: optics per particle, origins in px; 3.1-only labels moved to the side frame."""
+    out = df.copy()
+    for label, values in (
+        ("rlnVoltage", table.voltage_kv),
+        ("rlnSphericalAberration", table.spherical_aberration_mm),
+        ("rlnAmplitudeContrast", table.amplitude_contrast),
+    ):
+        if label not in out.columns:
+            _set_column(out, label, values)
+    if "rlnImageSize" not in out.columns and table.box_size_px.all():
+        _set_column(out, "rlnImageSize", table.box_size_px)
+    if "rlnMagnification" not in out.columns or "rlnDetectorPixelSize" not in out.columns:
+        _set_column(out, "rlnMagnification", np.full(len(out), 10000.0))
+        _set_column(out, "rlnDetectorPixelSize", table.pixel_size_angstrom)
+    side_cols = [c for c in out.columns if c in LABELS_NEW_IN_31 or not c.startswith("rln")]
+    side = out[side_cols].copy()
+    side.insert(0, "rlnImageName", out["rlnImageName"].to_numpy())
+    return out.drop(columns=side_cols), side
+
+
+def write_relion_particles(
+    table: ParticleTable,
+    path: str | os.PathLike[str],
+    *,
+    relion_version: RelionOutput | str = "3.1",
+) -> None:
+    """Write ``table`` as a RELION particle STAR file, keeping every column it did not change.
+
+    Parameters
+    ----------
+    table : ParticleTable
+    path : path-like
+        Output ``.star``; written atomically, never over the file the table was read from.
+    relion_version : {"3.1", "3.0"}
+        ``"3.1"`` (also "4.0"/"5.0": the same format) writes optics + particles; ``"3.0"``
+        writes one table of 3.0 labels and puts the rest in ``<stem>_dhn.csv``.
+    """
+    version = "3.0" if str(relion_version) == "3.0" else "3.1"
+    if str(relion_version) not in ("3.0", "3.1", "4.0", "5.0"):
+        raise InputError(f"relion_version must be 3.0, 3.1, 4.0 or 5.0, got {relion_version!r}")
+    out_path = Path(path)
+    if table.source is not None and table.source.path:
+        check_not_input(out_path, table.source.path)
+    n = len(table)
+    src = table.source
+    other: dict[str, Any] = {}
+    if src is not None and src.format in ("relion30", "relion31"):
+        df = src.rows.copy()
+        other = dict(src.other_blocks)
+        optics = src.optics.copy() if src.optics is not None else None
+        if src.format == "relion30":
+            # upgrade: optics values move to an optics table, origins px -> Å
+            optics = _optics_from_fields(table)
+            drop = [c for c in (*OPTICS_30, *ORIGINS_PX) if c in df.columns]
+            df = df.drop(columns=drop)
+            _set_column(df, "rlnOpticsGroup", table.optics_group)
+        elif optics is not None:
+            used = np.unique(table.optics_group)
+            optics = optics[optics["rlnOpticsGroup"].isin(used)].reset_index(drop=True)
+    else:
+        df = _particles_from_fields(table)
+        optics = _optics_from_fields(table)
+
+    if table.rotation_matrices is not None:
+        euler = matrix_to_euler(table.rotation_matrices)
+        keep = np.zeros(n, dtype=bool)
+        if all(a in df.columns for a in ANGLES):  # rows whose pose did not change stay verbatim
+            before = euler_to_matrix(df[list(ANGLES)].to_numpy(dtype=np.float64))
+            keep = np.abs(before - table.rotation_matrices).max(axis=(1, 2)) < 1e-9
+        for i, label in enumerate(ANGLES):
+            _update_column(df, label, euler[:, i], keep)
+    has_origins = any(c in df.columns for c in ORIGINS_A) or table.rotation_matrices is not None
+    if has_origins or np.any(table.shifts_angstrom != 0):
+        for i, label in enumerate(ORIGINS_A):
+            values = table.shifts_angstrom[:, i]
+            keep = np.zeros(n, dtype=bool)
+            if label in df.columns:
+                keep = np.abs(df[label].to_numpy(dtype=np.float64) - values) < 1e-9
+            _update_column(df, label, values, keep)
+    for key, values in table.extra.items():
+        _set_column(df, key, np.asarray(values))
+    if len(df) != n:
+        raise ValueError(f"internal error: {len(df)} rows for {n} particles")
+
+    side_path = out_path.with_name(out_path.stem + SIDE_SUFFIX)
+    if version == "3.0":
+        for i, (a_label, px_label) in enumerate(zip(ORIGINS_A, ORIGINS_PX)):
+            if a_label in df.columns:
+                _set_column(df, px_label, table.shifts_angstrom[:, i] / table.pixel_size_angstrom)
+        if optics is not None and src is not None and src.format == "relion31":
+            for col in optics.columns:
+                if col not in df.columns and col not in LABELS_NEW_IN_31:
+                    mapped = optics.set_index("rlnOpticsGroup")[col].reindex(table.optics_group)
+                    _set_column(df, col, mapped.to_numpy())
+        rows30, side = _to_30(df, table)
+        write_star_blocks(out_path, {"": rows30}, version_tag=False)
+        if side.shape[1] > 1:
+            with atomic_path(side_path) as tmp:
+                side.to_csv(tmp, index=False, lineterminator="\n")
+        return
+    if optics is None:
+        raise ValueError("internal error: no optics table for a 3.1 file")
+    for label in ORIGINS_PX:
+        if label in df.columns and src is not None and src.format == "relion30":
+            df = df.drop(columns=[label])
+    blocks: dict[str, Any] = {"optics": optics, "particles": df}
+    blocks.update(other)
+    write_star_blocks(out_path, blocks, version_tag=True)

@@ -1,0 +1,35 @@
+"""Shared test fixtures: where the project's real data files are, and the devices to test on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deephemnma_bridge.device import available_devices
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEVICES = available_devices()
+
+# every real RELION particle file in ../shared/data
+RELION_FILES = [
+    "relion/simplecryoem/relion_proj_batch.star",
+    "relion/simplecryoem/pyem.star",
+    "relion/cryojax/test_starfile.star",
+    "relion/isecc/test.star",
+    "relion/roodmus/Extract/job007/particles.star",
+    "relion/roodmus/Extract/job013/particles.star",
+    "relion/roodmus/Select/job009/particles.star",
+    "relion/tomodrgn/10076_classD_32_sim.star",
+    "relion/cryocat/relion_3.0.star",
+    "relion/starfile/one_loop.star",
+]
+CRYOSPARC_FILES = ["cryosparc/cryosparc_J2_particles_exported.cs"]
+
+
+def shared(relative: str) -> Path:
+    """Path of a file under ../shared/data; skips the test when the folder is absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real data file {path} not available")
+    return path
