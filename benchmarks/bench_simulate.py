@@ -37,7 +37,6 @@ def _model() -> tuple[SimulationModel, str]:
     try:
         from deephemnma_bridge.adapters.structure import read_structure
         from deephemnma_bridge.coarse_grain import coarse_grain
-
         from deephemnma_bridge.data import default_model_path
         from deephemnma_bridge.nma import compute_normal_modes
 

@@ -258,17 +258,17 @@ def check_simulation(
     """Error when the box cannot hold the molecule, warn when shifted particles may be cut by the
     box edge or when atoms collide at the largest amplitudes."""
     moved = np.abs(np.einsum("bm,mnk->bnk", truth.amplitudes, model.modes)).max()
-    radius = float(np.linalg.norm(model.render_coordinates, axis=1).max() + moved)
+    rest = float(np.linalg.norm(model.render_coordinates, axis=1).max())
+    radius = rest + float(moved)
     shift = config.shift_range_px * config.pixel_size_angstrom * math.sqrt(2)
     half = config.box_size_px * config.pixel_size_angstrom / 2
-    if radius > half:
+    if rest > half:
         need = math.ceil(
             2 * (radius + shift + 2 * config.sigma_angstrom) / config.pixel_size_angstrom
         )
         raise InputError(
             f"the box of {config.box_size_px} px ({2 * half:.1f} Å) is too small for the "
-            f"molecule (radius {radius:.1f} Å incl. deformation); use --box {need} or more, "
-            f"or a larger --pixel-size"
+            f"molecule (radius {rest:.1f} Å); use --box {need} or more, or a larger --pixel-size"
         )
     if radius + shift + 2 * config.sigma_angstrom > half:
         warnings.warn(

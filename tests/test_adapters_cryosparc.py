@@ -135,3 +135,51 @@ def test_cs_bad_inputs(tmp_path: Path) -> None:
     shutil.move(tmp_path / "nb.npy", tmp_path / "nb.cs")
     with pytest.raises(Exception, match="blob/path is missing"):
         read_particles(tmp_path / "nb.cs")
+
+
+def test_versioned_output_name_finds_its_passthrough(tmp_path: Path) -> None:
+    main = tmp_path / "cryosparc_P3_J12_004_particles_selected.cs"
+    main.write_bytes(b"")
+    assert find_passthrough(main) == []
+    sibling = tmp_path / "J12_passthrough_particles_selected.cs"
+    sibling.write_bytes(b"")
+    (tmp_path / "J13_passthrough_particles_selected.cs").write_bytes(b"")
+    assert find_passthrough(main) == [sibling]
+    assert find_passthrough(sibling) == []
+
+
+def test_alignment_pixel_size_differs_warns(tmp_path: Path) -> None:
+    raw = _records(shared(J2))
+    ds = Dataset(raw)
+    ds.add_fields([("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,))])
+    ds.add_fields([("alignments3D/psize_A", "<f4")])
+    ds["alignments3D/pose"] = np.zeros((22, 3))
+    ds["alignments3D/shift"] = np.ones((22, 2))
+    ds["alignments3D/psize_A"] = np.full(22, 2.0)
+    ds.save(tmp_path / "binned.cs")
+    with pytest.warns(UserWarning, match="differs from blob/psize_A"):
+        table = read_particles(tmp_path / "binned.cs")
+    np.testing.assert_allclose(table.shifts_angstrom, 2.0)  # pixels of alignments3D/psize_A
+    np.testing.assert_allclose(table.rotation_matrices, np.broadcast_to(np.eye(3), (22, 3, 3)))
+
+
+def test_extras_and_output_guard(tmp_path: Path) -> None:
+    table = read_particles(shared(J2))
+    cost = np.linspace(0, 1, 22)
+    scored = table.with_extra(dhnCost=cost, dhnGroup=np.arange(22) % 3)
+    write_particles(scored, tmp_path / "s.cs")
+    raw = _records(tmp_path / "s.cs")
+    np.testing.assert_allclose(raw["dhn/dhnCost"], cost)
+    back = read_particles(tmp_path / "s.cs")
+    np.testing.assert_allclose(back.extra["dhnCost"], cost)
+    np.testing.assert_array_equal(back.extra["dhnGroup"], np.arange(22) % 3)
+    # the alignments2D fields are carried unchanged
+    np.testing.assert_array_equal(
+        raw["alignments2D/pose"], _records(shared(J2))["alignments2D/pose"]
+    )
+    copy = tmp_path / "copy.cs"
+    shutil.copy(shared(J2), copy)
+    before = copy.read_bytes()
+    with pytest.raises(Exception, match="same file as the input"):
+        write_particles(read_particles(copy), copy)
+    assert copy.read_bytes() == before

@@ -1,4 +1,4 @@
-"""Pose conventions: RELION Euler <-> matrix <-> cryoSPARC rotvec <-> quaternion (INTEROP.md 0, 2)."""
+"""Pose conventions: RELION Euler, matrix, cryoSPARC rotvec, quaternion (INTEROP.md 0 and 2)."""
 
 from __future__ import annotations
 

@@ -1,89 +1,71 @@
-"""An installed copy ships the adapters as ``deephemnma_bridge.adapters``, not as ``adapters``."""
+"""The built wheel ships `adapters/` as ``deephemnma_bridge.adapters``, never as top-level."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
+PIP = (sys.executable, "-m", "pip")
+SKIP = (".venv", ".git", "*.egg-info", "build", "dist", "__pycache__", ".*_cache", "tests")
+
+PROBE = """
+import importlib.util, json, sys
+import deephemnma_bridge, deephemnma_bridge.adapters
+from deephemnma_bridge.adapters import read_particles, write_particles
+spec = importlib.util.find_spec("adapters")
+print(json.dumps({
+    "package": deephemnma_bridge.__file__,
+    "adapters": deephemnma_bridge.adapters.__file__,
+    "top_level_adapters": None if spec is None else str(spec.origin),
+}))
+"""
 
 
-@pytest.mark.slow
-def test_wheel_installs_adapters_under_the_package(tmp_path: Path) -> None:
+def test_wheel_ships_adapters_under_the_package(tmp_path: Path) -> None:
+    # build from a copy so that the working tree gets no build/ or egg-info debris
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(*SKIP))
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(wheels),
-            str(REPO),
-        ],
+        [*PIP, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)],
         check=True,
         capture_output=True,
     )
-    (wheel,) = wheels.glob("*.whl")
+    (wheel,) = wheels.glob("deephemnma_bridge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "deephemnma_bridge/adapters/__init__.py" in names
-    assert "deephemnma_bridge/adapters/relion.py" in names
+    assert "deephemnma_bridge/adapters/cryosparc.py" in names
     assert not [n for n in names if n.startswith("adapters/")]
+    top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["deephemnma_bridge"]
+
     target = tmp_path / "site"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
+        [*PIP, "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
         check=True,
         capture_output=True,
     )
-    # -I: isolated mode, so neither the editable install's finder nor the cwd is on the path;
-    # the venv's site-packages provides the dependencies only
-    import site
-
-    deps = ":".join(site.getsitepackages())
-    code = (
-        "import sys; sys.path[:0] = [sys.argv[1]] + sys.argv[2].split(':');"
-        "import deephemnma_bridge, deephemnma_bridge.adapters as a;"
-        "print(deephemnma_bridge.__file__); print(a.read_particles.__module__)"
+    # -S: no site module, so the editable install's .pth finder is not loaded; the venv's
+    # site-packages is on the path only for numpy, pandas, cryosparc-tools, ...
+    env = {"PYTHONPATH": f"{target}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", PROBE],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
-    out = subprocess.run(
-        [sys.executable, "-I", "-c", code, str(target), deps],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    ).stdout.split()
-    assert out[0].startswith(str(target))
-    assert out[1] == "deephemnma_bridge.adapters"
-    # nothing of ours answers to the top-level name `adapters`
-    spec_check = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-c",
-            "import sys; sys.path[:0]=[sys.argv[1]]; import importlib.util as u;"
-            "print(u.find_spec('adapters'))",
-            str(target),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    ).stdout.strip()
-    assert spec_check == "None"
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert Path(found["package"]).is_relative_to(target)
+    assert Path(found["adapters"]) == target / "deephemnma_bridge" / "adapters" / "__init__.py"
+    other = found["top_level_adapters"]
+    assert other is None or not (
+        Path(other).is_relative_to(target) or Path(other).is_relative_to(REPO)
+    )

@@ -199,9 +199,8 @@ _HAVE_PIPELINE = all(
 
 @pytest.mark.skipif(not _HAVE_PIPELINE, reason="needs the structure/NMA/adapters modules")
 def test_cli_writes_files_read_back_with_ground_truth(tmp_path: Path) -> None:
-    from deephemnma_bridge.adapters.images import ParticleImages
-
     from deephemnma_bridge.adapters import read_particles
+    from deephemnma_bridge.adapters.images import ParticleImages
     from deephemnma_bridge.cli import main
 
     out = tmp_path / "sim"
@@ -210,7 +209,7 @@ def test_cli_writes_files_read_back_with_ground_truth(tmp_path: Path) -> None:
         "--n",
         "12",
         "--box",
-        "96",
+        "120",
         "--pixel-size",
         "1.0",
         "--seed",
@@ -248,7 +247,7 @@ def test_cli_writes_files_read_back_with_ground_truth(tmp_path: Path) -> None:
         np.testing.assert_allclose(star.extra[key], cs.extra[key], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(star.defocus_u_angstrom, 5000.0)
     images = ParticleImages(star).read(np.arange(12))
-    assert images.shape == (12, 96, 96)
+    assert images.shape == (12, 120, 120)
     # same seed, same images
     out2 = tmp_path / "sim2"
     assert main([*argv[:-4], "--out", str(out2), "--device", "cpu"]) == 0

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from ..nma.deform import deform as deform_coordinates
 
 __all__ = [
     "FourierBand",
@@ -73,39 +74,6 @@ def _check_geometry(box_size_px: int, pixel_size_angstrom: float, sigma_angstrom
         raise InputError(f"pixel size must be > 0 Å, got {pixel_size_angstrom}")
     if sigma_angstrom <= 0:
         raise InputError(f"Gaussian sigma must be > 0 Å, got {sigma_angstrom}")
-
-
-def deform_coordinates(
-    coordinates: torch.Tensor, modes: torch.Tensor, amplitudes: torch.Tensor
-) -> torch.Tensor:
-    """Deformed node coordinates ``c + sum_m q_m u_m``.
-
-    Parameters
-    ----------
-    coordinates : tensor (N, 3)
-        Reference node coordinates, Å, relative to the rotation centre.
-    modes : tensor (M, N, 3)
-        Mode vectors (unit norm over 3N).
-    amplitudes : tensor (B, M)
-        Amplitudes, Å.
-
-    Returns
-    -------
-    tensor (B, N, 3)
-    """
-    if coordinates.ndim != 2 or coordinates.shape[1] != 3:
-        raise ValueError(f"coordinates must have shape (N, 3), got {tuple(coordinates.shape)}")
-    n = coordinates.shape[0]
-    if modes.ndim != 3 or modes.shape[1:] != (n, 3):
-        raise ValueError(f"modes must have shape (M, {n}, 3), got {tuple(modes.shape)}")
-    if amplitudes.ndim != 2 or amplitudes.shape[1] != modes.shape[0]:
-        raise ValueError(
-            f"amplitudes must have shape (B, {modes.shape[0]}), got {tuple(amplitudes.shape)}"
-        )
-    if modes.shape[0] == 0:
-        return coordinates.expand(amplitudes.shape[0], n, 3)
-    disp = (amplitudes @ modes.reshape(modes.shape[0], -1)).reshape(-1, n, 3)
-    return coordinates[None] + disp
 
 
 def project_positions(

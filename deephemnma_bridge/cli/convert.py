@@ -171,9 +171,9 @@ def main(args: argparse.Namespace) -> int:
             notes.append(f"{links} .mrc stack(s) linked as .mrcs under {out.parent / 'stacks'}")
         if missing:
             warnings.warn(
-                f"{len(missing)} image stack(s) not found (e.g. {missing[0]}); the STAR file "
-                "keeps their cryoSPARC paths, which RELION needs to find (as .mrcs): rerun "
-                "from the cryoSPARC project directory to have them linked",
+                f"{len(missing)} image stack(s) not found (e.g. {missing[0]}): the STAR file "
+                "keeps the paths of the .cs, and RELION needs the stacks there (as .mrcs); "
+                "rerun from the cryoSPARC project directory to have them found and linked",
                 UserWarning,
                 stacklevel=2,
             )

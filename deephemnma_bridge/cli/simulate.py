@@ -111,6 +111,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def _load_modes(args: argparse.Namespace) -> tuple[Any, NDArray[Any] | None, NDArray[Any] | None]:
     """NormalModes, heavy-atom coordinates and atom -> node map (None when not available)."""
     from ..nma import NormalModes, compute_normal_modes
+    from ..nma.modes import DEFAULT_CUTOFF_ANGSTROM
 
     if args.modes is not None:
         if not args.modes.exists():
@@ -134,7 +135,12 @@ def _load_modes(args: argparse.Namespace) -> tuple[Any, NDArray[Any] | None, NDA
             f"--use-modes {max(args.use_modes)}: the model's network has only "
             f"{n_dof} modes ({n_dof // 3} nodes)"
         )
-    modes = compute_normal_modes(cg.coordinates_angstrom, n_modes=max(20, max(args.use_modes)))
+    modes = compute_normal_modes(
+        cg.coordinates_angstrom,
+        n_modes=max(20, max(args.use_modes)),
+        cutoff_angstrom=DEFAULT_CUTOFF_ANGSTROM["ca"],
+        settings={"model": str(path), "nodes": "ca"},
+    )
     heavy = np.array([str(e).upper() not in ("H", "D") for e in model.elements])
     atoms = np.asarray(model.coordinates_angstrom)[heavy]
     owner = np.asarray(cg.atom_node)[heavy]

@@ -1,1 +1,9 @@
-"""Normal modes of elastic network models (ANM and RTB)."""
+"""Normal modes of elastic network models (ANM, with sparse and RTB solvers for large models).
+
+See `modes` for the conventions (1-based numbering, modes 1-6 rigid, unit-norm vectors).
+"""
+
+from .deform import deform
+from .modes import NormalModes, collectivity, compute_normal_modes, rigid_body_basis
+
+__all__ = ["NormalModes", "collectivity", "compute_normal_modes", "deform", "rigid_body_basis"]
