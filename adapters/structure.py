@@ -18,7 +18,7 @@ import numpy as np
 
 from deephemnma_bridge.errors import ParticleFileError
 from deephemnma_bridge.fileutils import atomic_path
-from deephemnma_bridge.structure import AtomicModel
+from deephemnma_bridge.structure import PSEUDOATOM_RESIDUE, AtomicModel
 
 __all__ = ["read_structure", "write_models"]
 
@@ -76,6 +76,8 @@ def read_structure(
                 polymer = "amino"
             elif info is not None and info.is_nucleic_acid():
                 polymer = "nucleic"
+            elif res.name == PSEUDOATOM_RESIDUE:
+                polymer = "pseudo"
             if not polymer and not keep_ligands and not res.is_water():
                 continue
             added = False

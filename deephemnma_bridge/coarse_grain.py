@@ -1,5 +1,7 @@
 """Atoms -> elastic-network nodes: one node per residue (Cα / P) or every heavy atom.
 
+Pseudoatoms of a map (residue ``PSE``, one atom each) are nodes at the residue level too.
+
 Every atom of the model is assigned the node it moves with (``atom_node``): the node of its
 residue for residue-level networks (so an all-atom density can follow a Cα deformation), itself
 for heavy-atom networks, ``-1`` when its residue has no node. ``blocks`` groups consecutive
@@ -89,8 +91,10 @@ def coarse_grain(
     if chains:
         model = model.select(np.isin(model.chain_ids, chains))
     if nodes == "ca":
-        is_node = ((model.atom_names == "CA") & (model.polymer_kind == "amino")) | (
-            (model.atom_names == "P") & (model.polymer_kind == "nucleic")
+        is_node = (
+            ((model.atom_names == "CA") & (model.polymer_kind == "amino"))
+            | ((model.atom_names == "P") & (model.polymer_kind == "nucleic"))
+            | (model.polymer_kind == "pseudo")
         )
         # one node per residue: the first such atom
         idx = np.flatnonzero(is_node)

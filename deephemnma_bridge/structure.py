@@ -15,6 +15,10 @@ from numpy.typing import NDArray
 __all__ = ["AtomicModel", "DensityMap"]
 
 
+#: Residue name of Gaussian pseudoatoms written for a map (one atom per residue).
+PSEUDOATOM_RESIDUE = "PSE"
+
+
 @dataclass(frozen=True, eq=False)
 class AtomicModel:
     """N atoms of one model.

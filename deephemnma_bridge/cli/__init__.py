@@ -22,6 +22,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: list[tuple[str, str, str]] = [
     ("convert", "convert", "convert particles between STAR 3.0, STAR 3.1+ and cryoSPARC .cs"),
     ("subset", "subset", "write the rows of a full particle file selected in another file"),
+    ("modes", "modes", "normal modes of an atomic model or an EM map (elastic network)"),
     ("simulate", "simulate", "simulate particle images with ground truth (synthetic benchmark)"),
 ]
 

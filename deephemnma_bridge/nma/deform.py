@@ -14,14 +14,16 @@ Example
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported by callers that use tensors, not here (fast CLI start)
+    import torch
 
 __all__ = ["deform"]
 
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 
 def deform(coordinates: ArrayT, modes: ArrayT, amplitudes: ArrayT) -> ArrayT:

@@ -49,10 +49,11 @@ from scipy.sparse.linalg import LinearOperator, eigsh, splu
 from ..errors import InputError
 from ..fileutils import atomic_path
 from .hessian import anm_hessian
-from .network import check_connected, contact_pairs, relative_cutoff
+from .network import check_connected, connecting_cutoff, contact_pairs, relative_cutoff
 
 __all__ = [
     "DEFAULT_CUTOFF_ANGSTROM",
+    "FloppyNetworkError",
     "NormalModes",
     "collectivity",
     "compute_normal_modes",
@@ -66,6 +67,10 @@ DENSE_MAX_NODES = 1000
 #: Default absolute cutoffs (Å) by node type; pseudoatoms use the relative (percentile) cutoff.
 DEFAULT_CUTOFF_ANGSTROM = {"ca": 15.0, "heavy": 8.0}
 _FORMAT = "deephemnma-modes/1"
+
+
+class FloppyNetworkError(InputError):
+    """The network has more than six zero-energy modes at this cutoff."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,45 +281,67 @@ def rtb_projection(coordinates: NDArray[np.float64], blocks: NDArray[np.int64]) 
 
 
 def _lowest_eigenpairs(
-    matrix: sp.spmatrix, k: int, *, dense: bool, tol: float = 1e-10
+    matrix: sp.spmatrix,
+    k: int,
+    rigid: NDArray[np.float64],
+    *,
+    dense: bool,
+    tol: float = 1e-10,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Lowest ``k`` eigenpairs of a symmetric positive semi-definite sparse matrix."""
+    """Lowest ``k`` eigenpairs of a symmetric positive semi-definite matrix whose null space
+    contains the orthonormal columns of ``rigid`` (size, 6): those come first (eigenvalue =
+    Rayleigh quotient, ~0), then the lowest ``k - 6`` of the complement.
+
+    The sparse solver works on the complement explicitly (``Q (K - s)^-1 Q``, Q = 1 - R R^T):
+    a six-fold zero eigenvalue is where Lanczos iterations can silently miss a copy.
+    """
     size = matrix.shape[0]
+    zero = np.einsum("ij,ij->j", rigid, matrix @ rigid)
     if dense or size <= 600:
         values, vectors = scipy.linalg.eigh(
             matrix.toarray(), subset_by_index=[0, k - 1], driver="evr"
         )
-        return values, vectors
+        flexible = vectors - rigid @ (rigid.T @ vectors)
+        keep = np.argsort(-np.linalg.norm(flexible, axis=0))[: k - 6]
+        keep = np.sort(keep)
+        return np.r_[zero, values[keep]], np.c_[rigid, vectors[:, keep]]
     scale = float(np.abs(matrix.diagonal()).mean())
-    shift = -1e-4 * scale  # H - shift*I is positive definite: an exact, stable factorisation
+    shift = -1e-4 * scale  # K - shift*I is positive definite: an exact, stable factorisation
     lu = splu(
         sp.csc_matrix(matrix - shift * sp.identity(size, format="csc")),
         permc_spec="MMD_AT_PLUS_A",
         diag_pivot_thresh=0.0,
         options={"SymmetricMode": True},
     )
-    op_inv = LinearOperator((size, size), matvec=lu.solve, dtype=np.float64)
+
+    def project(v: NDArray[np.float64]) -> NDArray[np.float64]:
+        return v - rigid @ (rigid.T @ v)
+
+    def apply(v: NDArray[np.float64]) -> NDArray[np.float64]:
+        return project(lu.solve(project(np.asarray(v, dtype=np.float64).ravel())))
+
+    op = LinearOperator((size, size), matvec=apply, dtype=np.float64)
     rng = np.random.default_rng(0)  # deterministic start vector
-    values, vectors = eigsh(
-        matrix,
-        k=k,
-        sigma=shift,
-        which="LM",
-        OPinv=op_inv,
-        v0=rng.normal(size=size),
+    mu, vectors = eigsh(
+        op,
+        k=k - 6,
+        which="LA",
+        v0=project(rng.normal(size=size)),
         tol=tol,
-        ncv=min(size, max(2 * k + 1, 40)),
+        ncv=min(size - 6, max(2 * (k - 6) + 1, 40)),
     )
+    values = shift + 1.0 / mu
     order = np.argsort(values)
-    return values[order], vectors[:, order]
+    return np.r_[zero, values[order]], np.c_[rigid, vectors[:, order]]
 
 
 def compute_normal_modes(
     coordinates: ArrayLike,
     *,
     n_modes: int = 20,
-    cutoff_angstrom: float | None = None,
+    cutoff_angstrom: float | Literal["auto"] | None = None,
     cutoff_percentile: float = 95.0,
+    cutoff_floor_angstrom: float = 0.0,
     method: Method = "auto",
     blocks: NDArray[np.int64] | None = None,
     masses: NDArray[np.float64] | None = None,
@@ -328,9 +355,13 @@ def compute_normal_modes(
         Node positions, Å.
     n_modes : int
         Number of modes, rigid-body ones included (default 20).
-    cutoff_angstrom : float, optional
+    cutoff_angstrom : float or "auto", optional
         Spring cutoff, Å. Default: relative, the ``cutoff_percentile`` of the distances from
-        each node to its 3 nearest neighbours.
+        each node to its 3 nearest neighbours. ``"auto"`` (for pseudoatoms of a map, whose
+        density varies): the relative cutoff, raised to the smallest that connects every node
+        and then by 25 % steps (at most 8) until the network is rigid (six zero modes).
+    cutoff_floor_angstrom : float
+        With ``"auto"``: never below this (e.g. 15 Å for one node per residue).
     method : {"auto", "dense", "sparse", "rtb"}
         Solver (module docstring). ``rtb`` needs ``blocks``.
     blocks : array (N,) int, optional
@@ -346,6 +377,24 @@ def compute_normal_modes(
     InputError
         Fewer than 3 nodes, too many modes asked, a disconnected network, bad options.
     """
+    if isinstance(cutoff_angstrom, str):
+        if cutoff_angstrom != "auto":
+            raise InputError(f"cutoff must be a number of Å or 'auto', got {cutoff_angstrom!r}")
+        xyz = np.asarray(coordinates, dtype=np.float64)
+        if xyz.ndim != 2 or xyz.shape[0] < 3:
+            raise InputError(f"an elastic network needs (N >= 3, 3) coordinates, got {xyz.shape}")
+        start = max(relative_cutoff(xyz, percentile=cutoff_percentile), cutoff_floor_angstrom)
+        cutoff = connecting_cutoff(xyz, start)
+        for attempt in range(9):
+            try:
+                return compute_normal_modes(
+                    xyz, n_modes=n_modes, cutoff_angstrom=cutoff, method=method, blocks=blocks,
+                    masses=masses, settings={"cutoff_mode": "auto", **(settings or {})},
+                )  # fmt: skip
+            except FloppyNetworkError:
+                if attempt == 8:
+                    raise
+                cutoff *= 1.25
     xyz = np.asarray(coordinates, dtype=np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise InputError(f"coordinates must have shape (N, 3), got {xyz.shape}")
@@ -389,24 +438,32 @@ def compute_normal_modes(
             f"{n_modes} modes asked but the network has only {size} ({what}); ask fewer modes"
         )
     matrix = hessian if projection is None else (projection.T @ hessian @ projection).tocsr()
-    values, vecs = _lowest_eigenpairs(matrix, n_modes, dense=method == "dense")
+    rigid = rigid_body_basis(xyz)
+    if len(rigid) < 6:
+        raise InputError(
+            "all nodes lie on one line: no elastic network can be built; check the model"
+        )
+    rigid_flat = rigid.reshape(6, -1).T  # (3N, 6), orthonormal
+    if masses is not None:  # the null space of M^-1/2 H M^-1/2 is M^1/2 R
+        rigid_flat = np.linalg.qr(np.repeat(np.sqrt(masses), 3)[:, None] * rigid_flat)[0]
+    if projection is not None:  # rigid motions of the whole are rigid motions of every block
+        rigid_flat = np.linalg.qr(projection.T @ rigid_flat)[0]
+    values, vecs = _lowest_eigenpairs(matrix, n_modes, rigid_flat, dense=method == "dense")
     if projection is not None:
         vecs = projection @ vecs
     if masses is not None:
         vecs = vecs / np.repeat(np.sqrt(masses), 3)[:, None]
     vecs = vecs / np.linalg.norm(vecs, axis=0, keepdims=True)
     vectors = np.ascontiguousarray(vecs.T).reshape(n_modes, n, 3)
-    # the rigid-body subspace: replaced by a canonical basis (its eigenvectors are arbitrary)
-    rigid = rigid_body_basis(xyz)
     stiffness = float(np.abs(hessian.diagonal()).mean())
-    n_zero = int(np.sum(values < 1e-7 * stiffness))
-    if n_zero > 6 or len(rigid) < 6:
-        raise InputError(
+    n_zero = 6 + int(np.sum(values[6:] < 1e-9 * stiffness))
+    if n_zero > 6:
+        raise FloppyNetworkError(
             f"the elastic network has {n_zero} zero-energy modes where a rigid network has 6: "
             f"the cutoff {cutoff:.2f} Å leaves parts free to move without stretching a spring; "
             "use a larger --cutoff (15 Å is usual for one node per residue)"
         )
-    vectors[:6] = rigid
+    vectors[:6] = rigid  # a canonical basis of the rigid-body subspace
     vectors[6:] = fix_signs(vectors[6:])
     elapsed = time.perf_counter() - t0
     info: dict[str, Any] = {

@@ -10,7 +10,7 @@ from scipy.spatial import cKDTree
 
 from ..errors import InputError
 
-__all__ = ["check_connected", "contact_pairs", "relative_cutoff"]
+__all__ = ["check_connected", "connecting_cutoff", "contact_pairs", "relative_cutoff"]
 
 
 def relative_cutoff(coordinates: NDArray[np.float64], *, percentile: float = 95.0) -> float:
@@ -41,3 +41,23 @@ def check_connected(n_nodes: int, pairs: NDArray[np.int64], cutoff_angstrom: flo
             f"({n_parts} pieces, the smallest with {sizes.min()} node(s)); "
             "use a larger --cutoff"
         )
+
+
+def connecting_cutoff(coordinates: NDArray[np.float64], start_angstrom: float) -> float:
+    """The smallest cutoff >= ``start_angstrom`` that joins all nodes into one network.
+
+    The longest edge of the Euclidean minimum spanning tree (found on the KD-tree graph,
+    whose radius doubles until it is connected), nudged up by 0.1 %.
+    """
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    n = len(coordinates)
+    tree = cKDTree(coordinates)
+    radius = max(start_angstrom, 1e-3)
+    while True:
+        graph = tree.sparse_distance_matrix(tree, radius, output_type="coo_matrix")
+        if connected_components(graph, directed=False)[0] == 1 or n < 2:
+            break
+        radius *= 2
+    longest = float(minimum_spanning_tree(graph).max()) if n > 1 else 0.0
+    return max(start_angstrom, longest * 1.001)
