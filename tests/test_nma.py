@@ -247,3 +247,22 @@ def test_coarse_graining_bad_models(tmp_path: Path) -> None:
     assert len(heavy) == 1656
     ca = coarse_grain(model, mass_weighted=True)
     assert len(ca) == 214 and 50 < ca.masses.mean() < 150  # ~110 Da per residue, no H
+
+
+def test_mass_weighted_modes() -> None:
+    cg = coarse_grain(
+        read_structure(shared("structures/4ake.pdb"), chains=["A"]), mass_weighted=True
+    )
+    plain = compute_normal_modes(cg.coordinates_angstrom, cutoff_angstrom=15.0)
+    weighted = compute_normal_modes(cg.coordinates_angstrom, cutoff_angstrom=15.0, masses=cg.masses)
+    assert weighted.settings["mass_weighted"]
+    np.testing.assert_allclose(np.linalg.norm(weighted.vectors.reshape(20, -1), axis=1), 1.0)
+    assert np.all(np.abs(weighted.eigenvalues[:6]) < 1e-8 * weighted.eigenvalues[6])
+    # mass weighting changes the modes only a little for a protein (residue masses 57-186 Da)
+    assert np.all(_overlaps(plain, weighted, slice(6, 9)) > 0.8)
+    # with equal masses it is the same problem, scaled
+    same = compute_normal_modes(
+        cg.coordinates_angstrom, cutoff_angstrom=15.0, masses=np.full(214, 4.0)
+    )
+    np.testing.assert_allclose(same.eigenvalues[6:], plain.eigenvalues[6:] / 4.0, rtol=1e-8)
+    assert np.all(_overlaps(plain, same, slice(6, 20)) > 0.9999)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__
@@ -59,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     module.add_args(parser)
     args = parser.parse_args(args_list[1:])
+    previous = warnings.formatwarning
+
+    def one_line(message: Warning | str, *_: object, **__: object) -> str:
+        return f"deephemnma {name}: warning: {message}\n"
+
+    warnings.formatwarning = one_line
     try:
         return int(module.main(args))
     except DeepHEMNMAError as err:
@@ -67,3 +74,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"deephemnma {name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
