@@ -451,7 +451,7 @@ def _update_column(df: pd.DataFrame, label: str, values: NDArray[Any], keep: NDA
     if keep.all():
         return
     if label in df.columns and keep.any():
-        column = df[label].astype(object).to_numpy()
+        column = df[label].astype(object).to_numpy(copy=True)
         column[~keep] = values[~keep]
         df[label] = column
     else:

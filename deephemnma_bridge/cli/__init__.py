@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("convert", "convert", "convert particles between STAR 3.0, STAR 3.1+ and cryoSPARC .cs"),
     ("subset", "subset", "write the rows of a full particle file selected in another file"),
     ("modes", "modes", "normal modes of an atomic model or an EM map (elastic network)"),
+    ("align", "align", "HEMNMA: mode amplitudes, orientation and shifts of every particle"),
     ("simulate", "simulate", "simulate particle images with ground truth (synthetic benchmark)"),
 ]
 

@@ -112,6 +112,16 @@ def _model_from_map(args: argparse.Namespace) -> Any:
     out = args.pseudoatoms_out or args.out.with_name(args.out.stem + "_pseudoatoms.cif")
     model = atoms.as_model(name=args.model.stem)
     write_models(out, model)
+    # RELION's rotation centre of a map is voxel N//2 of each axis; particles extracted with
+    # this map as reference share its box
+    nz, ny, nx = density.data.shape
+    centre = density.origin_angstrom + np.array([nx // 2, ny // 2, nz // 2]) * np.asarray(
+        density.voxel_size_angstrom
+    )
+    args.map_geometry = {
+        "map_centre_angstrom": centre.tolist(),
+        "map_box_angstrom": float(nx * density.voxel_size_angstrom[0]),
+    }
     print(
         f"{len(atoms)} pseudoatoms (sigma {atoms.sigma_angstrom:.2f} Å, threshold "
         f"{atoms.threshold:.4g}, error {atoms.error:.3f}) written to {out}"
@@ -165,6 +175,7 @@ def main(args: argparse.Namespace) -> int:
             "nodes": "pseudoatoms" if pseudo else args.nodes,
             "chains": args.chains,
             "rtb_residues_per_block": rtb or None,
+            **getattr(args, "map_geometry", {}),
         },
     )
     heavy = np.asarray([str(e).upper() not in ("H", "D") for e in model.elements])

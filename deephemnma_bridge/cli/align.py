@@ -1,0 +1,361 @@
+"""HEMNMA alignment: mode amplitudes, orientation and shifts of every particle image.
+
+PARTICLES is a RELION STAR or cryoSPARC .cs file; the reference (network nodes, modes and the
+atoms that move with them) comes from a modes file written by `deephemnma modes` or
+`deephemnma simulate`. Writes DIR/particles.star and DIR/particles.cs with rlnAngleRot/Tilt/Psi,
+rlnOriginXAngst/YAngst, _dhnAmplitude<mode> per mode and _dhnCost (1 - NCC; NaN with
+_dhnConverged 0 for a particle that failed), every other column kept, and DIR/alignment.json.
+
+Long runs checkpoint into DIR.partial/ every --checkpoint-every particles: rerun the same
+command to resume. Shard across processes or machines with torchrun, e.g.
+  torchrun --nproc_per_node 2 -m deephemnma_bridge.cli align particles.star --modes m.npz --out a
+(each rank aligns a slice; rank 0 merges the results in input order).
+
+Examples:
+  deephemnma align sim/particles.star --modes sim/modes.npz --out aligned
+  deephemnma align run_data.star --modes modes.npz --poses local --outliers 3.2 --out aligned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``deephemnma align``."""
+    p = parser.add_argument
+    p("particles", type=Path, help="RELION .star or cryoSPARC .cs")
+    p("--modes", type=Path, required=True, help="modes .npz (deephemnma modes / simulate)")
+    p("--use-modes", type=_ints, default=[7, 8, 9], help="mode numbers (default 7,8,9)")
+    p("--out", type=Path, required=True, help="output folder")
+    p("--template", choices=["residues", "nodes", "atoms"], default="residues")
+    p("--sigma", type=float, default=2.0, help="template Gaussian width, Å (default 2)")
+    p("--working-size", type=int, default=128, help="images Fourier-cropped to this (128)")
+    p(
+        "--poses",
+        choices=["search", "local", "fixed"],
+        default="search",
+        help="search: global search; local: refine from the file's poses; fixed: keep them",
+    )
+    p("--search-step", type=float, default=10.0, help="SO(3) grid step, degrees (10)")
+    p("--search-resolution", type=float, default=10.0, help="global-search band, Å (10)")
+    p("--max-shift", type=float, default=6.0, help="shift search range, working px (6)")
+    p("--candidates", type=int, default=4, help="orientations kept for refinement (4)")
+    p("--refine-resolution", type=_floats, default=[7.0, 4.0], help="two bands, Å (7,4)")
+    p("--iterations", type=_ints, default=[40, 80], help="Adam steps per band (40,80)")
+    p(
+        "--amplitude-starts",
+        type=_floats,
+        default=[0.0],
+        help="starting amplitudes of the first mode, Å (default 0)",
+    )
+    p(
+        "--ctf",
+        choices=["full", "flip"],
+        default="full",
+        help="full: CTF in the template (default); flip: phase-flipped images (reference)",
+    )
+    p(
+        "--outliers",
+        type=float,
+        default=None,
+        metavar="T",
+        help="flag particles whose amplitudes' Mahalanobis distance exceeds T (e.g. 3.2)",
+    )
+    p("--batch-size", type=int, default=64, help="particles aligned at once (64)")
+    p("--checkpoint-every", type=int, default=512, help="particles between checkpoints")
+    p("--relion-version", choices=["3.0", "3.1"], default="3.1", help="STAR flavour")
+    p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from ..alignment.hemnma import AlignmentConfig
+
+    if len(args.refine_resolution) != 2 or len(args.iterations) != 2:
+        raise InputError("--refine-resolution and --iterations take two values each, e.g. 7,4")
+    return AlignmentConfig(
+        search_step_degrees=args.search_step,
+        search_resolution_angstrom=args.search_resolution,
+        max_shift_px=args.max_shift,
+        n_candidates=args.candidates,
+        refine_resolution_angstrom=(args.refine_resolution[0], args.refine_resolution[1]),
+        iterations=(args.iterations[0], args.iterations[1]),
+        amplitude_starts=tuple(args.amplitude_starts) or (0.0,),
+        ctf=args.ctf,
+        sigma_angstrom=args.sigma,
+        fixed_poses=args.poses == "fixed",
+        local_poses=args.poses == "local",
+    )
+
+
+def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> Any:
+    from ..alignment.hemnma import ReferenceModel
+    from ..nma import NormalModes
+
+    modes = NormalModes.load(args.modes)
+    selected = modes.select(args.use_modes)
+    rigid = [m for m in args.use_modes if m <= 6]
+    if rigid:
+        raise InputError(f"--use-modes {rigid}: modes 1-6 are rigid-body motions; use 7 and up")
+    centre = modes.settings.get("map_centre_angstrom")
+    template = args.template
+    if template != "nodes" and modes.atom_coordinates is None:
+        template = "nodes"  # pseudoatoms of a map: the nodes are the density
+    reference = ReferenceModel.from_modes(
+        selected.coordinates,
+        selected.vectors,
+        args.use_modes,
+        template=template,
+        atom_coordinates=modes.atom_coordinates,
+        atom_node=modes.atom_node,
+        centre_angstrom=None if centre is None else np.asarray(centre),
+        device=device,
+    )
+    map_box = modes.settings.get("map_box_angstrom")
+    if map_box is not None and abs(float(map_box) - box_angstrom) > 0.02 * box_angstrom:
+        raise InputError(
+            f"the particles' box is {box_angstrom:.1f} Å but the reference map's is "
+            f"{float(map_box):.1f} Å: use modes of a map with the particles' box and pixel size"
+        )
+    if reference.radius_angstrom > 0.5 * box_angstrom:
+        raise InputError(
+            f"the reference in {args.modes} (radius {reference.radius_angstrom:.1f} Å) does not "
+            f"fit in the particles' {box_angstrom:.1f} Å box: is the modes file from another "
+            "structure, or the pixel size wrong?"
+        )
+    return reference, template
+
+
+def _shard(n: int) -> tuple[int, int, np.ndarray]:
+    """(rank, world size, particle indices of this rank) under torchrun, else (0, 1, all)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    parts = np.array_split(np.arange(n), world)
+    return rank, world, parts[rank]
+
+
+def main(args: argparse.Namespace) -> int:
+    """Align; return 0."""
+    import torch
+    from tqdm import tqdm
+
+    from ..adapters import ParticleImages, read_particles, write_particles
+    from ..alignment.ctf import CTFParams
+    from ..alignment.hemnma import align_batch, mahalanobis_outliers
+    from ..conventions import matrix_to_euler
+    from ..device import resolve_device
+    from ..fileutils import atomic_dir, atomic_path, check_not_input
+    from ..preprocess import PreprocessConfig, preprocess_images
+
+    check_not_input(args.out, args.particles, args.modes)
+    if args.batch_size < 1 or args.checkpoint_every < 1:
+        raise InputError("--batch-size and --checkpoint-every must be >= 1")
+    table = read_particles(args.particles)
+    n = len(table)
+    if n == 0:
+        raise InputError(f"{args.particles}: no particles")
+    if args.poses != "search" and table.rotation_matrices is None:
+        raise InputError(f"{args.particles} has no poses; use --poses search")
+    boxes = np.unique(table.box_size_px)
+    pixels = np.unique(np.round(table.pixel_size_angstrom, 6))
+    if len(boxes) != 1 or len(pixels) != 1:
+        raise InputError(
+            f"{args.particles}: mixed box sizes {boxes.tolist()} or pixel sizes "
+            f"{pixels.tolist()}; align each optics group separately (deephemnma subset)"
+        )
+    box, pixel = int(boxes[0]), float(pixels[0])
+    working = min(box, args.working_size)
+    work_pixel = pixel * box / working
+    device = resolve_device(args.device)
+    config = _config(args)
+    reference, template = _reference(args, box * pixel, device)
+    images = ParticleImages(table)
+    rank, world, mine = _shard(n)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+    settings = {
+        "particles": str(args.particles),
+        "modes": str(args.modes),
+        "use_modes": args.use_modes,
+        "template": template,
+        "working_size_px": working,
+        "working_pixel_angstrom": work_pixel,
+        "poses": args.poses,
+        **config.to_dict(),
+    }
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    settings_file = partial / "settings.json"
+    if rank == 0 and not settings_file.exists():
+        with atomic_path(settings_file) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2, default=str))
+    if world > 1:
+        torch.distributed.barrier()
+    saved = json.loads(settings_file.read_text())
+    if saved != json.loads(json.dumps(settings, default=str)):
+        raise InputError(
+            f"{partial} holds a run with other settings; rerun with the same options to "
+            f"resume, or delete {partial}"
+        )
+    state_file = partial / f"rank{rank}_of_{world}.npz"
+    m = len(args.use_modes)
+    state: dict[str, np.ndarray] = {
+        "done": np.zeros(len(mine), dtype=bool),
+        "amplitudes": np.zeros((len(mine), m)),
+        "rotations": np.zeros((len(mine), 3, 3)),
+        "shifts": np.zeros((len(mine), 2)),
+        "cost": np.zeros(len(mine)),
+        "converged": np.zeros(len(mine), dtype=bool),
+    }
+    if state_file.exists():
+        with np.load(state_file) as saved_state:
+            state = {k: saved_state[k] for k in state}
+    todo = np.flatnonzero(~state["done"])
+    prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc=f"align[{rank}]",
+        unit="particle",
+        file=sys.stderr,
+        disable=None,
+    )
+    t0 = time.perf_counter()
+    since_checkpoint = 0
+
+    def checkpoint() -> None:
+        with atomic_path(state_file) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **state)  # type: ignore[arg-type]
+
+    for start in range(0, len(todo), args.batch_size):
+        local = todo[start : start + args.batch_size]
+        rows = mine[local]
+        raw = torch.as_tensor(images.read(rows), device=device)
+        ctf_raw = CTFParams.from_table(table, rows, device=device)
+        x = preprocess_images(raw, pixel_size_angstrom=pixel, config=prep)
+        bad = ~torch.isfinite(x).reshape(len(rows), -1).all(dim=1)
+        if bool(bad.any()):
+            first = int(rows[int(torch.nonzero(bad)[0])])
+            raise InputError(
+                f"{args.particles}: particle {first + 1} (row {first + 1}) has NaN or infinite "
+                "pixels; remove it (deephemnma subset) and rerun"
+            )
+        rot = shifts = None
+        if table.rotation_matrices is not None and args.poses != "search":
+            rot = torch.as_tensor(table.rotation_matrices[rows], device=device)
+            shifts = torch.as_tensor(table.shifts_angstrom[rows], device=device)
+        result = align_batch(
+            x,
+            ctf_raw,
+            reference,
+            config,
+            pixel_size_angstrom=work_pixel,
+            rotations=rot,
+            shifts_angstrom=shifts,
+        )
+        state["amplitudes"][local] = result.amplitudes
+        state["rotations"][local] = result.rotations
+        state["shifts"][local] = result.shifts_angstrom
+        state["cost"][local] = result.cost
+        state["converged"][local] = result.converged
+        state["done"][local] = True
+        bar.update(len(rows))
+        since_checkpoint += len(rows)
+        if since_checkpoint >= args.checkpoint_every:
+            checkpoint()
+            since_checkpoint = 0
+    bar.close()
+    checkpoint()
+    elapsed = time.perf_counter() - t0
+    if world > 1:
+        torch.distributed.barrier()
+        if rank != 0:
+            torch.distributed.destroy_process_group()
+            return 0
+    # rank 0: merge every shard in input order
+    amplitudes = np.zeros((n, m))
+    rotations = np.zeros((n, 3, 3))
+    shifts_all = np.zeros((n, 2))
+    cost = np.zeros(n)
+    converged = np.zeros(n, dtype=bool)
+    for r, part in enumerate(np.array_split(np.arange(n), world)):
+        with np.load(partial / f"rank{r}_of_{world}.npz") as s:
+            if not s["done"].all():
+                raise InputError(f"{partial}: rank {r} did not finish; rerun to resume")
+            amplitudes[part], rotations[part], shifts_all[part] = (
+                s["amplitudes"],
+                s["rotations"],
+                s["shifts"],
+            )
+            cost[part], converged[part] = s["cost"], s["converged"]
+    columns: dict[str, Any] = {
+        f"dhnAmplitude{k}": amplitudes[:, j] for j, k in enumerate(args.use_modes)
+    }
+    columns["dhnCost"] = cost
+    columns["dhnConverged"] = converged.astype(np.int64)
+    outliers = None
+    if args.outliers is not None:
+        outliers, distance = mahalanobis_outliers(amplitudes, args.outliers)
+        columns["dhnMahalanobis"] = distance
+        columns["dhnOutlier"] = outliers.astype(np.int64)
+    out_table = table.with_poses(rotations, shifts_all).with_extra(**columns)
+    with atomic_dir(args.out) as tmp:
+        write_particles(out_table, tmp / "particles.star", relion_version=args.relion_version)
+        write_particles(out_table, tmp / "particles.cs")
+        if outliers is not None:
+            for name, sel in (("inliers", ~outliers), ("outliers", outliers)):
+                write_particles(
+                    out_table.mask(sel), tmp / f"{name}.star", relion_version=args.relion_version
+                )
+                write_particles(out_table.mask(sel), tmp / f"{name}.cs")
+        eulers = matrix_to_euler(rotations)
+        info = {
+            "settings": settings,
+            "n_particles": n,
+            "n_failed": int((~converged).sum()),
+            "n_outliers": None if outliers is None else int(outliers.sum()),
+            "seconds_rank0": round(elapsed, 2),
+            "world_size": world,
+            "device": str(device),
+            "median_cost": float(np.nanmedian(cost)),
+            "tilt_range_degrees": [float(eulers[:, 1].min()), float(eulers[:, 1].max())],
+        }
+        (tmp / "alignment.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    for f in partial.iterdir():
+        f.unlink()
+    partial.rmdir()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    failed = f", {info['n_failed']} failed (NaN cost)" if info["n_failed"] else ""
+    flagged = "" if outliers is None else f", {int(outliers.sum())} outliers flagged"
+    print(f"aligned {n} particles in {elapsed:.1f} s{failed}{flagged} -> {args.out}")
+    return 0
