@@ -214,8 +214,7 @@ def main(args: argparse.Namespace) -> int:
     truth = draw_truth(config, model)
     check_simulation(config, model, truth)
     stats = SimulationStats()
-    torch.set_grad_enabled(False)
-    with atomic_dir(args.out) as tmp:
+    with torch.no_grad(), atomic_dir(args.out) as tmp:
         with StackWriter(
             tmp / "particles.mrcs",
             box_size_px=config.box_size_px,
