@@ -337,3 +337,25 @@ def test_outliers_and_rotation_grid() -> None:
     probe = Rotation.random(200, random_state=1).as_matrix()
     nearest = angle_between_rotations_degrees(probe[:, None], grid[None]).min(axis=1)
     assert nearest.max() < 30.0
+
+
+def test_a_particle_that_fails_gets_a_flagged_cost_not_a_crash(sim: Path) -> None:
+    t = read_particles(sim / "particles.star")
+    modes = NormalModes.load(sim / "modes.npz").select([7, 8, 9])
+    ref = ReferenceModel.from_modes(modes.coordinates, modes.vectors, [7, 8, 9], template="nodes")
+    from deephemnma_bridge.adapters import ParticleImages
+
+    rows = np.arange(4)
+    ctf = CTFParams.from_table(t, rows)
+    broken = ctf.defocus_u_angstrom.clone()
+    broken[2] = float("nan")  # a corrupt CTF makes this particle's template NaN
+    config = AlignmentConfig(search_step_degrees=30, iterations=(5, 5), n_candidates=1)
+    res = align_batch(
+        torch.tensor(ParticleImages(t).read(rows)),
+        ctf.replace(defocus_u_angstrom=broken),
+        ref,
+        config,
+        pixel_size_angstrom=1.3,
+    )
+    assert res.converged.tolist() == [True, True, False, True]
+    assert np.isnan(res.cost[2]) and np.isfinite(res.cost[[0, 1, 3]]).all()
