@@ -436,13 +436,15 @@ def align_batch(
     pixel_size_angstrom: float,
     rotations: torch.Tensor | None = None,
     shifts_angstrom: torch.Tensor | None = None,
+    amplitudes: torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> AlignmentResult:
     """Align a batch of preprocessed images (B, box, box) at ``pixel_size_angstrom``.
 
     ``rotations``/``shifts_angstrom`` (the host program's poses) are needed with
     ``config.fixed_poses`` (amplitudes only) or ``config.local_poses`` (start from them, no
-    global search).
+    global search); ``amplitudes`` (B, M), optional, start the refinement there (e.g. a
+    network's prediction) instead of ``config.amplitude_starts``.
     """
     device = images.device
     b, box, _ = images.shape
@@ -468,13 +470,15 @@ def align_batch(
         if progress:
             progress("search")
     n_c = rot_c.shape[1]
-    starts = [float(a) for a in config.amplitude_starts] if m else [0.0]
+    starts = [float(a) for a in config.amplitude_starts] if m and amplitudes is None else [0.0]
     # candidates x amplitude starts (on the first mode)
     rot_all = rot_c.repeat_interleave(len(starts), dim=1).reshape(-1, 3, 3)
     org_all = org_c.repeat_interleave(len(starts), dim=1).reshape(-1, 2)
     q_all = torch.zeros(b, n_c * len(starts), m, device=device)
     if m:
         q_all[..., 0] = torch.tensor(starts, device=device).repeat(n_c)
+    if amplitudes is not None:
+        q_all = q_all + amplitudes.to(device, torch.float32)[:, None, :]
     q_all = q_all.reshape(-1, m)
     per = n_c * len(starts)
     spec_all = spectra.repeat_interleave(per, dim=0)

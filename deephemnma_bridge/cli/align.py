@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -154,14 +153,6 @@ def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> An
     return reference, template
 
 
-def _shard(n: int) -> tuple[int, int, np.ndarray]:
-    """(rank, world size, particle indices of this rank) under torchrun, else (0, 1, all)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    parts = np.array_split(np.arange(n), world)
-    return rank, world, parts[rank]
-
-
 def main(args: argparse.Namespace) -> int:
     """Align; return 0."""
     import torch
@@ -172,8 +163,9 @@ def main(args: argparse.Namespace) -> int:
     from ..alignment.hemnma import align_batch, mahalanobis_outliers
     from ..conventions import matrix_to_euler
     from ..device import resolve_device
-    from ..fileutils import atomic_dir, atomic_path, check_not_input
+    from ..fileutils import atomic_dir, check_not_input
     from ..preprocess import PreprocessConfig, preprocess_images
+    from ._sharded import ShardedRun
 
     check_not_input(args.out, args.particles, args.modes)
     if args.batch_size < 1 or args.checkpoint_every < 1:
@@ -198,10 +190,6 @@ def main(args: argparse.Namespace) -> int:
     config = _config(args)
     reference, template = _reference(args, box * pixel, device)
     images = ParticleImages(table)
-    rank, world, mine = _shard(n)
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
     settings = {
         "particles": str(args.particles),
         "modes": str(args.modes),
@@ -212,111 +200,62 @@ def main(args: argparse.Namespace) -> int:
         "poses": args.poses,
         **config.to_dict(),
     }
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    settings_file = partial / "settings.json"
-    if rank == 0 and not settings_file.exists():
-        with atomic_path(settings_file) as tmp:
-            tmp.write_text(json.dumps(settings, indent=2, default=str))
-    if world > 1:
-        torch.distributed.barrier()
-    saved = json.loads(settings_file.read_text())
-    if saved != json.loads(json.dumps(settings, default=str)):
-        raise InputError(
-            f"{partial} holds a run with other settings; rerun with the same options to "
-            f"resume, or delete {partial}"
-        )
-    state_file = partial / f"rank{rank}_of_{world}.npz"
     m = len(args.use_modes)
-    state: dict[str, np.ndarray] = {
-        "done": np.zeros(len(mine), dtype=bool),
-        "amplitudes": np.zeros((len(mine), m)),
-        "rotations": np.zeros((len(mine), 3, 3)),
-        "shifts": np.zeros((len(mine), 2)),
-        "cost": np.zeros(len(mine)),
-        "converged": np.zeros(len(mine), dtype=bool),
+    fields = {
+        "amplitudes": ((m,), np.float64),
+        "rotations": ((3, 3), np.float64),
+        "shifts": ((2,), np.float64),
+        "cost": ((), np.float64),
+        "converged": ((), np.bool_),
     }
-    if state_file.exists():
-        with np.load(state_file) as saved_state:
-            state = {k: saved_state[k] for k in state}
-    todo = np.flatnonzero(~state["done"])
+    run = ShardedRun(args.out, n, fields, settings, device)
+    mine, todo = run.mine, run.todo
     prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
     bar = tqdm(
         total=len(mine),
         initial=len(mine) - len(todo),
-        desc=f"align[{rank}]",
+        desc=f"align[{run.rank}]",
         unit="particle",
         file=sys.stderr,
         disable=None,
     )
     t0 = time.perf_counter()
     since_checkpoint = 0
-
-    def checkpoint() -> None:
-        with atomic_path(state_file) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **state)  # type: ignore[arg-type]
-
     for start in range(0, len(todo), args.batch_size):
         local = todo[start : start + args.batch_size]
         rows = mine[local]
         raw = torch.as_tensor(images.read(rows), device=device)
         ctf_raw = CTFParams.from_table(table, rows, device=device)
         x = preprocess_images(raw, pixel_size_angstrom=pixel, config=prep)
-        bad = ~torch.isfinite(x).reshape(len(rows), -1).all(dim=1)
-        if bool(bad.any()):
-            first = int(rows[int(torch.nonzero(bad)[0])])
-            raise InputError(
-                f"{args.particles}: particle {first + 1} (row {first + 1}) has NaN or infinite "
-                "pixels; remove it (deephemnma subset) and rerun"
-            )
         rot = shifts = None
         if table.rotation_matrices is not None and args.poses != "search":
             rot = torch.as_tensor(table.rotation_matrices[rows], device=device)
             shifts = torch.as_tensor(table.shifts_angstrom[rows], device=device)
         result = align_batch(
-            x,
-            ctf_raw,
-            reference,
-            config,
-            pixel_size_angstrom=work_pixel,
-            rotations=rot,
-            shifts_angstrom=shifts,
+            x, ctf_raw, reference, config, pixel_size_angstrom=work_pixel,
+            rotations=rot, shifts_angstrom=shifts,
+        )  # fmt: skip
+        run.store(
+            local,
+            amplitudes=result.amplitudes,
+            rotations=result.rotations,
+            shifts=result.shifts_angstrom,
+            cost=result.cost,
+            converged=result.converged,
         )
-        state["amplitudes"][local] = result.amplitudes
-        state["rotations"][local] = result.rotations
-        state["shifts"][local] = result.shifts_angstrom
-        state["cost"][local] = result.cost
-        state["converged"][local] = result.converged
-        state["done"][local] = True
         bar.update(len(rows))
         since_checkpoint += len(rows)
         if since_checkpoint >= args.checkpoint_every:
-            checkpoint()
+            run.checkpoint()
             since_checkpoint = 0
     bar.close()
-    checkpoint()
     elapsed = time.perf_counter() - t0
-    if world > 1:
-        torch.distributed.barrier()
-        if rank != 0:
-            torch.distributed.destroy_process_group()
-            return 0
-    # rank 0: merge every shard in input order
-    amplitudes = np.zeros((n, m))
-    rotations = np.zeros((n, 3, 3))
-    shifts_all = np.zeros((n, 2))
-    cost = np.zeros(n)
-    converged = np.zeros(n, dtype=bool)
-    for r, part in enumerate(np.array_split(np.arange(n), world)):
-        with np.load(partial / f"rank{r}_of_{world}.npz") as s:
-            if not s["done"].all():
-                raise InputError(f"{partial}: rank {r} did not finish; rerun to resume")
-            amplitudes[part], rotations[part], shifts_all[part] = (
-                s["amplitudes"],
-                s["rotations"],
-                s["shifts"],
-            )
-            cost[part], converged[part] = s["cost"], s["converged"]
+    merged = run.merge()
+    if merged is None:  # another rank than 0: rank 0 writes the outputs
+        run.close(success=False)
+        return 0
+    amplitudes, rotations, shifts_all = merged["amplitudes"], merged["rotations"], merged["shifts"]
+    cost, converged = merged["cost"], merged["converged"]
     columns: dict[str, Any] = {
         f"dhnAmplitude{k}": amplitudes[:, j] for j, k in enumerate(args.use_modes)
     }
@@ -344,17 +283,13 @@ def main(args: argparse.Namespace) -> int:
             "n_failed": int((~converged).sum()),
             "n_outliers": None if outliers is None else int(outliers.sum()),
             "seconds_rank0": round(elapsed, 2),
-            "world_size": world,
+            "world_size": run.world,
             "device": str(device),
             "median_cost": float(np.nanmedian(cost)),
             "tilt_range_degrees": [float(eulers[:, 1].min()), float(eulers[:, 1].max())],
         }
         (tmp / "alignment.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    for f in partial.iterdir():
-        f.unlink()
-    partial.rmdir()
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    run.close(success=True)
     failed = f", {info['n_failed']} failed (NaN cost)" if info["n_failed"] else ""
     flagged = "" if outliers is None else f", {int(outliers.sum())} outliers flagged"
     print(f"aligned {n} particles in {elapsed:.1f} s{failed}{flagged} -> {args.out}")
