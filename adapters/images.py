@@ -21,13 +21,22 @@ from typing import Any
 
 import mrcfile
 import numpy as np
+import pandas as pd
 from numpy.typing import NDArray
 
 from deephemnma_bridge.errors import ParticleFileError
 from deephemnma_bridge.fileutils import atomic_path
 from deephemnma_bridge.particles import ParticleTable
 
-__all__ = ["ParticleImages", "StackWriter", "open_stack", "read_stack_header", "resolve_stack"]
+__all__ = [
+    "ParticleImages",
+    "StackWriter",
+    "open_stack",
+    "path_from_cwd",
+    "portable_image_paths",
+    "read_stack_header",
+    "resolve_stack",
+]
 
 
 def resolve_stack(path: str, search_dirs: Sequence[str]) -> Path:
@@ -48,6 +57,43 @@ def resolve_stack(path: str, search_dirs: Sequence[str]) -> Path:
         f"image stack {path} not found (looked in {tried}); run from the RELION/cryoSPARC "
         "project directory or move the particle file next to its stacks"
     )
+
+
+def path_from_cwd(target: Path) -> str:
+    """``target`` relative to the working directory when it lies under it, else absolute."""
+    cwd = Path.cwd().resolve()
+    absolute = Path(os.path.abspath(target))
+    try:
+        return str(absolute.relative_to(cwd))
+    except ValueError:
+        return str(absolute)
+
+
+def portable_image_paths(table: ParticleTable) -> ParticleTable:
+    """``table`` with image paths that RELION resolves from the working directory.
+
+    A file written to another folder than its input keeps its particles reachable: a stack
+    path that already names a file from the working directory is kept verbatim; one found
+    only next to the input file (through ``search_dirs``) is rewritten relative to the working
+    directory (absolute when outside it); one not found is kept.
+    """
+    paths = pd.Series(table.image_paths, dtype=object).astype(str)
+    codes, uniques = pd.factorize(paths)
+    new = np.asarray(uniques, dtype=object).copy()
+    changed = False
+    for k, stack in enumerate(uniques):
+        if not os.path.isabs(stack) and Path(stack).is_file():
+            continue
+        try:
+            found = resolve_stack(stack, table.search_dirs)
+        except ParticleFileError:
+            continue
+        new[k] = path_from_cwd(found)
+        changed = changed or new[k] != stack
+    if not changed:
+        return table
+    search = (os.getcwd(), *table.search_dirs)
+    return table.replace(image_paths=new[codes], search_dirs=search)
 
 
 def open_stack(path: Path) -> Any:

@@ -518,6 +518,13 @@ def write_relion_particles(
         elif optics is not None:
             used = np.unique(table.optics_group)
             optics = optics[optics["rlnOpticsGroup"].isin(used)].reset_index(drop=True)
+        # image names: verbatim where the particle's stack and index are unchanged
+        old_paths, old_index = _split_image_names(out_path, df["rlnImageName"].astype(str))
+        same = (old_index == table.image_indices) & (
+            pd.Series(old_paths, dtype=object).astype(str).to_numpy()
+            == pd.Series(table.image_paths, dtype=object).astype(str).to_numpy()
+        )
+        _update_column(df, "rlnImageName", _image_names(table), same)
     else:
         df = _particles_from_fields(table)
         optics = _optics_from_fields(table)

@@ -25,6 +25,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("subset", "subset", "write the rows of a full particle file selected in another file"),
     ("modes", "modes", "normal modes of an atomic model or an EM map (elastic network)"),
     ("align", "align", "HEMNMA: mode amplitudes, orientation and shifts of every particle"),
+    ("train", "train", "train the ResNet34 + MLP network on HEMNMA results"),
+    ("predict", "predict", "predict amplitudes, orientations and shifts with trained networks"),
     ("simulate", "simulate", "simulate particle images with ground truth (synthetic benchmark)"),
 ]
 

@@ -159,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..adapters import ParticleImages, read_particles, write_particles
+    from ..adapters.images import portable_image_paths
     from ..alignment.ctf import CTFParams
     from ..alignment.hemnma import align_batch, mahalanobis_outliers
     from ..conventions import matrix_to_euler
@@ -267,6 +268,7 @@ def main(args: argparse.Namespace) -> int:
         columns["dhnMahalanobis"] = distance
         columns["dhnOutlier"] = outliers.astype(np.int64)
     out_table = table.with_poses(rotations, shifts_all).with_extra(**columns)
+    out_table = portable_image_paths(out_table)  # reachable from the output folder too
     with atomic_dir(args.out) as tmp:
         write_particles(out_table, tmp / "particles.star", relion_version=args.relion_version)
         write_particles(out_table, tmp / "particles.cs")

@@ -60,16 +60,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _name_from_cwd(target: Path) -> str:
-    """``target`` relative to the working directory when it lies under it, else absolute."""
-    cwd = Path.cwd().resolve()
-    absolute = Path(os.path.abspath(target))
-    try:
-        return str(absolute.relative_to(cwd))
-    except ValueError:
-        return str(absolute)
-
-
 def _link_name(stack: str) -> Path:
     """Where the ``.mrcs`` link of ``stack`` goes, relative to the output folder."""
     parts = [p for p in Path(stack).parts if p not in ("/", "..", ".") and not p.endswith(":\\")]
@@ -92,7 +82,7 @@ def expose_stacks(table: ParticleTable, out_dir: Path) -> tuple[ParticleTable, i
     missing : list of str
         Stacks that could not be found (their path is kept).
     """
-    from ..adapters.images import resolve_stack
+    from ..adapters.images import path_from_cwd, resolve_stack
 
     paths = pd.Series(table.image_paths, dtype=object).astype(str)
     codes, uniques = pd.factorize(paths)
@@ -105,7 +95,7 @@ def expose_stacks(table: ParticleTable, out_dir: Path) -> tuple[ParticleTable, i
             missing.append(stack)
             continue
         if target.suffix.lower() != ".mrc":
-            new_names[k] = _name_from_cwd(target)
+            new_names[k] = path_from_cwd(target)
             continue
         link = out_dir / _link_name(stack)
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +104,7 @@ def expose_stacks(table: ParticleTable, out_dir: Path) -> tuple[ParticleTable, i
         elif link.exists():
             raise InputError(f"{link} exists and is not a link; remove it or choose another output")
         link.symlink_to(os.path.relpath(target, link.parent))
-        new_names[k] = _name_from_cwd(link)
+        new_names[k] = path_from_cwd(link)
         links += 1
     search = (str(Path.cwd()), str(out_dir.resolve()), *table.search_dirs)
     return table.replace(image_paths=new_names[codes], search_dirs=search), links, missing

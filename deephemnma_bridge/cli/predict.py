@@ -1,0 +1,246 @@
+"""Predict amplitudes, orientations and shifts of particles with trained networks.
+
+Streams the images (DataLoader workers, never the whole stack in memory), uses the GPU when
+present, checkpoints into OUT.partial/ (rerun to resume) and shards across ranks under
+torchrun. Writes OUT/particles.star and OUT/particles.cs with rlnAngleRot/Tilt/Psi,
+rlnOriginXAngst/YAngst, _dhnAmplitude<mode> and _dhnSource (network, or hemnma for the
+particles taken from --hemnma), every other column kept.
+
+Several --checkpoint folders combine separately trained parts (as in the paper: amplitudes,
+orientation, shifts); the last one giving a part wins. With --modes, every particle also gets
+_dhnCost (1 - NCC, HEMNMA's similarity) at the prediction, and --refine N runs N iterations of
+the HEMNMA local refinement from it first.
+
+Examples:
+  deephemnma predict all_particles.star --checkpoint net --out predicted
+  deephemnma predict all.star --checkpoint net --modes modes.npz --refine 30 --out refined
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``deephemnma predict``."""
+    p = parser.add_argument
+    p("particles", type=Path, help="RELION .star or cryoSPARC .cs")
+    p("--checkpoint", type=Path, nargs="+", required=True, help="folder(s) or .pt file(s)")
+    p("--out", type=Path, required=True, help="output folder")
+    p("--modes", type=Path, default=None, help="modes .npz: adds _dhnCost (and --refine)")
+    p("--refine", type=int, default=0, help="HEMNMA refinement iterations (needs --modes)")
+    p(
+        "--hemnma",
+        type=Path,
+        default=None,
+        help="align output whose particles keep their HEMNMA values (_dhnSource hemnma)",
+    )
+    p("--batch-size", type=int, default=64)
+    p("--workers", type=int, default=2, help="DataLoader workers")
+    p("--checkpoint-every", type=int, default=2048, help="particles between checkpoints")
+    p("--relion-version", choices=["3.0", "3.1"], default="3.1")
+    p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Predict; return 0."""
+    import pandas as pd
+    import torch
+    from tqdm import tqdm
+
+    from ..adapters import ParticleImages, read_particles, write_particles
+    from ..adapters.images import portable_image_paths
+    from ..device import resolve_device
+    from ..fileutils import atomic_dir, check_not_input
+    from ..preprocess import PreprocessConfig, preprocess_images
+    from ..training.data import CTF_FIELDS, ParticleBatches, ctf_from_rows
+    from ..training.targets import TargetSpec, decode
+    from ..training.trainer import load_checkpoint
+    from ._sharded import ShardedRun
+
+    check_not_input(args.out, args.particles, *args.checkpoint)
+    if args.refine and args.modes is None:
+        raise InputError("--refine needs --modes (the modes file the network was trained with)")
+    table = read_particles(args.particles)
+    n = len(table)
+    if n == 0:
+        raise InputError(f"{args.particles}: no particles")
+    device = resolve_device(args.device)
+    nets: list[tuple[Any, dict[str, Any], TargetSpec]] = []
+    for path in args.checkpoint:
+        model, meta = load_checkpoint(path)
+        spec = TargetSpec.from_dict(meta["target"])
+        box_a = meta["box_size_px"] * meta["pixel_size_angstrom"]
+        ours = float(np.median(table.box_size_px * table.pixel_size_angstrom))
+        if abs(box_a - ours) > 0.01 * box_a:
+            raise InputError(
+                f"{path} was trained on {box_a:.1f} Å boxes, these particles are {ours:.1f} Å; "
+                "extract them with the training box and pixel size"
+            )
+        nets.append((model.to(device), meta, spec))
+    provides = {p: k for k, (_, _, spec) in enumerate(nets) for p in spec.parts}
+    modes: list[int] = []
+    if "amplitudes" in provides:
+        modes = list(nets[provides["amplitudes"]][1]["mode_numbers"])
+    if ("orientation" not in provides or "shifts" not in provides) and (
+        table.rotation_matrices is None
+    ):
+        raise InputError(
+            f"{args.particles} has no poses and the networks do not predict "
+            f"{', '.join(p for p in ('orientation', 'shifts') if p not in provides)}"
+        )
+    boxes = np.unique(table.box_size_px)
+    if len(boxes) != 1:
+        raise InputError(f"{args.particles}: mixed box sizes {boxes.tolist()}")
+    box, pixel = int(boxes[0]), float(np.median(table.pixel_size_angstrom))
+    reference = config = None
+    if args.modes is not None:
+        from ..alignment.hemnma import AlignmentConfig, ReferenceModel
+        from ..nma import NormalModes
+
+        nm = NormalModes.load(args.modes)
+        sel = nm.select(modes)
+        reference = ReferenceModel.from_modes(
+            sel.coordinates,
+            sel.vectors,
+            modes,
+            template="residues" if nm.atom_coordinates is not None else "nodes",
+            atom_coordinates=nm.atom_coordinates,
+            atom_node=nm.atom_node,
+            device=device,
+        )
+        config = AlignmentConfig(local_poses=True, iterations=(0, max(0, args.refine)))
+    ctf = np.stack([np.asarray(getattr(table, f), dtype=float) for f in CTF_FIELDS], axis=1)
+    fields = {
+        "amplitudes": ((len(modes),), np.float64),
+        "rotations": ((3, 3), np.float64),
+        "shifts": ((2,), np.float64),
+        "cost": ((), np.float64),
+    }
+    settings = {
+        "particles": str(args.particles),
+        "checkpoints": [str(c) for c in args.checkpoint],
+        "modes": str(args.modes),
+        "refine": args.refine,
+    }
+    run = ShardedRun(args.out, n, fields, settings, device)
+    todo = run.mine[run.todo]
+    data = ParticleBatches(ParticleImages(table), todo, ctf[todo])
+    batches = torch.utils.data.BatchSampler(
+        torch.utils.data.SequentialSampler(data), args.batch_size, drop_last=False
+    )
+    stream = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        sampler=batches,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
+    local_of = {int(r): k for k, r in enumerate(run.mine)}
+    bar = tqdm(
+        total=len(run.mine),
+        initial=len(run.mine) - len(todo),
+        desc=f"predict[{run.rank}]",
+        unit="particle",
+        file=sys.stderr,
+        disable=None,
+    )
+    t0 = time.perf_counter()
+    done_since = 0
+    amp = device.type == "cuda"
+    with torch.no_grad():
+        for images, _, c, pos in stream:
+            rows = todo[pos.numpy()]
+            images = images.to(device, non_blocking=True)
+            params = ctf_from_rows(c.numpy(), device)
+            out: dict[str, np.ndarray] = {}
+            for model, meta, spec in nets:
+                prep = PreprocessConfig.from_dict(meta["preprocess"])
+                x = preprocess_images(images, pixel_size_angstrom=pixel, config=prep, ctf=params)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    y = model(x[:, None]).float()
+                out.update(decode(spec, y))
+            rot: Any = out.get(
+                "rotations",
+                table.rotation_matrices[rows] if table.rotation_matrices is not None else None,
+            )
+            shifts = out.get("shifts", table.shifts_angstrom[rows])
+            amps = out.get("amplitudes", np.zeros((len(rows), 0)))
+            cost = np.full(len(rows), np.nan)
+            if reference is not None and config is not None:
+                from ..alignment.hemnma import align_batch
+
+                working = min(box, 128)
+                prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
+                xa = preprocess_images(images, pixel_size_angstrom=pixel, config=prep)
+                with torch.enable_grad():
+                    res = align_batch(
+                        xa,
+                        params,
+                        reference,
+                        config,
+                        pixel_size_angstrom=pixel * box / working,
+                        rotations=torch.as_tensor(rot),
+                        shifts_angstrom=torch.as_tensor(shifts),
+                        amplitudes=torch.as_tensor(amps, dtype=torch.float32),
+                    )
+                amps, rot, shifts, cost = (
+                    res.amplitudes,
+                    res.rotations,
+                    res.shifts_angstrom,
+                    res.cost,
+                )
+            local = np.array([local_of[int(r)] for r in rows])
+            run.store(local, amplitudes=amps, rotations=rot, shifts=shifts, cost=cost)
+            bar.update(len(rows))
+            done_since += len(rows)
+            if done_since >= args.checkpoint_every:
+                run.checkpoint()
+                done_since = 0
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    merged = run.merge()
+    if merged is None:
+        run.close(success=False)
+        return 0
+    source = np.full(n, "network", dtype=object)
+    amplitudes, rotations, shifts_all = merged["amplitudes"], merged["rotations"], merged["shifts"]
+    cost_all = merged["cost"]
+    if args.hemnma is not None:
+        aligned = read_particles(args.hemnma)
+        where = pd.Index(table.stack_keys).get_indexer(aligned.stack_keys)
+        found = where >= 0
+        if aligned.rotation_matrices is None:
+            raise InputError(f"--hemnma {args.hemnma}: no poses")
+        for j, m in enumerate(modes):
+            column = f"dhnAmplitude{m}"
+            if column not in aligned.extra:
+                raise InputError(f"--hemnma {args.hemnma}: no {column} column")
+            amplitudes[where[found], j] = np.asarray(aligned.extra[column], dtype=float)[found]
+        rotations[where[found]] = aligned.rotation_matrices[found]
+        shifts_all[where[found]] = aligned.shifts_angstrom[found]
+        if "dhnCost" in aligned.extra:
+            cost_all[where[found]] = np.asarray(aligned.extra["dhnCost"], dtype=float)[found]
+        source[where[found]] = "hemnma"
+        print(f"{int(found.sum())} particle(s) keep their HEMNMA values from {args.hemnma}")
+    columns: dict[str, Any] = {f"dhnAmplitude{m}": amplitudes[:, j] for j, m in enumerate(modes)}
+    columns["dhnSource"] = source
+    if args.modes is not None or args.hemnma is not None:
+        columns["dhnCost"] = cost_all
+    result = table.with_poses(rotations, shifts_all).with_extra(**columns)
+    result = portable_image_paths(result)  # reachable from the output folder too
+    with atomic_dir(args.out) as tmp:
+        write_particles(result, tmp / "particles.star", relion_version=args.relion_version)
+        write_particles(result, tmp / "particles.cs")
+    run.close(success=True)
+    rate = len(run.mine) / max(elapsed, 1e-9)
+    print(f"predicted {n} particles ({rate:.0f}/s on rank 0) -> {args.out}")
+    return 0

@@ -1,0 +1,132 @@
+"""Train the DeepHEMNMA network (ResNet34 + MLP) on HEMNMA results.
+
+ALIGNED is a STAR or .cs file with poses and _dhnAmplitude<mode> columns (the output of
+`deephemnma align`); particles flagged _dhnOutlier 1 are left out. Writes into DIR: best.pt
+(for `deephemnma predict`), last.pt (to resume: rerun the same command), training.csv and
+training.png (loss curves), splits.npz (the train/validation/test particles) and train.json.
+
+Defaults are the paper's (400 epochs, batch 2, L1, Adam with weight decay 1e-5, learning rate
+/10 every 80 epochs); --preset fast uses batches of 32, lr 1e-3 decayed every 30 epochs,
+early stopping after 15 epochs without validation improvement and bfloat16 on GPU.
+Multi-GPU / multi-node: torchrun --nproc_per_node N -m deephemnma_bridge.cli train ...
+
+Examples:
+  deephemnma train aligned/particles.star --out net --preset fast
+  deephemnma train aligned/particles.star --target orientation --epochs 200 --out net_rot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``deephemnma train``."""
+    p = parser.add_argument
+    p("aligned", type=Path, help="STAR or .cs with poses and _dhnAmplitude<mode> columns")
+    p("--out", type=Path, required=True, help="output folder (checkpoints, curves)")
+    p("--target", choices=["all", "amplitudes", "orientation", "shifts"], default="all")
+    p("--preset", choices=["paper", "fast"], default="paper")
+    p("--epochs", type=int, default=None)
+    p("--batch-size", type=int, default=None)
+    p("--lr", type=float, default=None, help="learning rate (paper preset: 1e-4)")
+    p("--size", type=int, default=None, help="images Fourier-cropped to this size (128)")
+    p("--val-fraction", type=float, default=None, help="validation particles (0.1)")
+    p("--test-fraction", type=float, default=None, help="held-out test particles (0.1)")
+    p("--early-stopping", type=int, default=None, help="patience in epochs (0: off)")
+    p("--augment", action="store_true", help="exact 90° in-plane rotations, labels rotated")
+    p("--workers", type=int, default=None, help="DataLoader workers (2)")
+    p("--seed", type=int, default=None)
+    p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+
+
+def amplitude_columns(extra: Mapping[str, Any]) -> list[int]:
+    """Mode numbers of the ``dhnAmplitude<mode>`` columns, ascending."""
+    return sorted(int(m.group(1)) for k in extra if (m := re.fullmatch(r"dhnAmplitude(\d+)", k)))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Train; return 0."""
+    from ..adapters import ParticleImages, read_particles
+    from ..device import resolve_device
+    from ..fileutils import check_not_input
+    from ..training.data import CTF_FIELDS
+    from ..training.trainer import config_from_preset, train
+
+    check_not_input(args.out, args.aligned)
+    table = read_particles(args.aligned)
+    config = config_from_preset(
+        args.preset,
+        target=args.target,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        size_px=args.size,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        early_stopping=args.early_stopping,
+        augment=args.augment or None,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    modes = amplitude_columns(table.extra)
+    if config.target in ("all", "amplitudes") and not modes:
+        raise InputError(
+            f"{args.aligned}: no _dhnAmplitude<mode> columns; train on the output of "
+            "`deephemnma align`, or use --target orientation/shifts"
+        )
+    if config.target in ("all", "orientation", "shifts") and table.rotation_matrices is None:
+        raise InputError(f"{args.aligned}: no poses (rlnAngleRot/Tilt/Psi) to learn from")
+    keep = np.ones(len(table), dtype=bool)
+    if "dhnOutlier" in table.extra:
+        keep &= np.asarray(table.extra["dhnOutlier"]).astype(float) == 0
+    if "dhnConverged" in table.extra:
+        keep &= np.asarray(table.extra["dhnConverged"]).astype(float) == 1
+    if not keep.all():
+        print(f"leaving out {int((~keep).sum())} outlier or failed particle(s)")
+        table = table.mask(keep)
+    boxes, pixels = np.unique(table.box_size_px), np.unique(table.pixel_size_angstrom)
+    if len(boxes) != 1 or len(pixels) != 1:
+        raise InputError(f"{args.aligned}: one box and pixel size are needed, found several")
+    amplitudes = (
+        np.stack([np.asarray(table.extra[f"dhnAmplitude{m}"], dtype=float) for m in modes], 1)
+        if modes
+        else None
+    )
+    ctf = np.stack([np.asarray(getattr(table, f), dtype=float) for f in CTF_FIELDS], axis=1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = train(
+        ParticleImages(table),
+        ctf,
+        {
+            "amplitudes": amplitudes,
+            "rotations": table.rotation_matrices,
+            "shifts": table.shifts_angstrom,
+        },
+        mode_numbers=modes,
+        box_size_px=int(boxes[0]),
+        pixel_size_angstrom=float(pixels[0]),
+        config=config,
+        out=args.out,
+        device=resolve_device(args.device),
+        extra_meta={"source": str(args.aligned)},
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    (args.out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"trained {summary['epochs_run']} epoch(s) on {summary['splits']['train']} particles "
+        f"in {summary['seconds']:.0f} s: best validation loss {summary['best_val']:.4f} -> "
+        f"{args.out / 'best.pt'}"
+    )
+    return 0

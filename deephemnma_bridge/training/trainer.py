@@ -1,0 +1,386 @@
+"""Training loop: splits, DataLoader streaming, L1 losses, Adam + step decay, checkpoints,
+curves, early stopping, mixed precision on GPU, DistributedDataParallel under torchrun.
+
+Checkpoints are plain dictionaries of tensors and JSON text saved with ``torch.save`` and
+read back with ``torch.load(weights_only=True)``: nothing is unpickled but tensors and basic
+types. ``last.pt`` (weights, optimiser, scheduler, epoch, history: for resuming) and
+``best.pt`` (weights of the lowest validation loss, for inference) both carry ``meta``: the
+training settings, the target layout and label scaling, the mode numbers, box and pixel sizes
+and the preprocessing settings, so that inference reproduces the input exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from ..errors import InputError
+from ..fileutils import atomic_path
+from ..imagesource import ImageSource
+from ..preprocess import PreprocessConfig, preprocess_images
+from .data import ParticleBatches, augment_shift_labels, ctf_from_rows, rotate90, split_particles
+from .model import DeepHEMNMANet
+from .targets import TargetSpec, target_loss
+
+__all__ = ["PRESETS", "TrainConfig", "load_checkpoint", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings. Defaults are the paper's (METHOD.md section 4); see `PRESETS`."""
+
+    target: str = "all"
+    epochs: int = 400
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    lr_step_epochs: int = 80
+    lr_gamma: float = 0.1
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    early_stopping: int = 0  # epochs without validation improvement; 0: off
+    amp: bool = False  # bfloat16 autocast on CUDA
+    augment: bool = False  # exact in-plane k x 90° rotations with transformed labels
+    workers: int = 2
+    size_px: int = 128
+    loss_weights: tuple[tuple[str, float], ...] = ()
+    max_train_batches: int = 0  # 0: all (for quick checks)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.size_px < 16:
+            raise InputError("epochs, batch size >= 1, lr > 0 and size >= 16 px are required")
+
+
+#: Documented presets. ``paper``: the published settings. ``fast``: larger batches, a higher
+#: learning rate with earlier decay, mixed precision on GPU and early stopping on the
+#: validation loss (benchmarks/bench_network.py compares them).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "fast": {
+        "batch_size": 32,
+        "lr": 1e-3,
+        "lr_step_epochs": 30,
+        "epochs": 120,
+        "early_stopping": 15,
+        "amp": True,
+    },
+}
+
+
+def _resume_key(meta: dict[str, Any]) -> str:
+    """What must match to resume: everything but the epoch budget and the loader workers."""
+    train = {
+        k: v for k, v in meta["train"].items() if k not in ("epochs", "early_stopping", "workers")
+    }
+    return json.dumps({**meta, "train": train}, sort_keys=True, default=str)
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path) -> tuple[DeepHEMNMANet, dict[str, Any]]:
+    """The model (eval mode, CPU) and ``meta`` of a checkpoint file or folder (best.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "best.pt"
+    if not p.is_file():
+        raise InputError(f"{p}: no checkpoint (train with `deephemnma train` first)")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a foreign file
+        raise InputError(f"{p}: not a deephemnma checkpoint ({exc})") from exc
+    if not isinstance(payload, dict) or "meta" not in payload or "model" not in payload:
+        raise InputError(f"{p}: not a deephemnma checkpoint (no model/meta)")
+    meta = json.loads(payload["meta"])
+    spec = TargetSpec.from_dict(meta["target"])
+    model = DeepHEMNMANet(spec.n_outputs)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return model, meta
+
+
+def _plot(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("L1 loss (standardised units)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _write_curves(history: list[dict[str, float]], out: Path) -> None:
+    keys = list(history[0])
+    with atomic_path(out / "training.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    _plot(history, out / "training.png")
+
+
+def train(
+    source: ImageSource,
+    ctf: NDArray[np.float64],
+    labels_raw: dict[str, NDArray[np.float64] | None],
+    *,
+    mode_numbers: list[int],
+    box_size_px: int,
+    pixel_size_angstrom: float,
+    config: TrainConfig,
+    out: Path,
+    device: torch.device,
+    extra_meta: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train on every particle of ``source``; returns a summary.
+
+    Parameters
+    ----------
+    source : ImageSource
+        Raw particle images (n, box, box).
+    ctf : array (n, 8)
+        CTF per particle, columns `data.CTF_FIELDS`.
+    labels_raw : dict
+        ``amplitudes`` (n, M) Å, ``rotations`` (n, 3, 3), ``shifts`` (n, 2) Å (None if absent).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    n = len(source)
+    splits = split_particles(n, config.val_fraction, config.test_fraction, config.seed)
+    if len(splits["train"]) < 2 or len(splits["val"]) < 1:
+        raise InputError(f"{n} particles are too few to train (need 2 to train, 1 to validate)")
+    spec = TargetSpec.create(
+        config.target, n_modes=len(mode_numbers), weights=dict(config.loss_weights)
+    )
+    amplitudes, shifts = labels_raw.get("amplitudes"), labels_raw.get("shifts")
+    tr = splits["train"]
+    spec = spec.fitted(
+        None if amplitudes is None else amplitudes[tr], None if shifts is None else shifts[tr]
+    )
+    from .targets import encode
+
+    labels = encode(spec, amplitudes, labels_raw.get("rotations"), shifts)
+    working = min(config.size_px, box_size_px)
+    prep = PreprocessConfig(output_size_px=working, phase_flip=True, normalise="background")
+    meta = {
+        "format": "deephemnma-network/1",
+        "train": asdict(config),
+        "target": spec.to_dict(),
+        "mode_numbers": mode_numbers,
+        "box_size_px": box_size_px,
+        "pixel_size_angstrom": pixel_size_angstrom,
+        "preprocess": prep.to_dict(),
+        **(extra_meta or {}),
+    }
+    meta = json.loads(json.dumps(meta, default=str))
+    meta_text = json.dumps(meta, sort_keys=True)
+    torch.manual_seed(config.seed)
+    model = DeepHEMNMANet(spec.n_outputs).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, config.lr_step_epochs, gamma=config.lr_gamma)
+    history: list[dict[str, float]] = []
+    start_epoch, best_val, stale = 0, math.inf, 0
+    last = out / "last.pt"
+    if last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        if _resume_key(json.loads(state["meta"])) != _resume_key(meta):
+            raise InputError(
+                f"{out} holds a training with other settings or data; use another --out or "
+                "delete it"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        best_val, stale = float(state["best_val"]), int(state["stale"])
+        history = json.loads(state["history"])
+        if rank == 0:
+            log(f"resuming after epoch {start_epoch} (best validation loss {best_val:.4f})")
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    amp = config.amp and device.type == "cuda"
+
+    def loader(positions: NDArray[np.int64], shuffle: bool, epoch: int) -> Any:
+        data = ParticleBatches(source, positions, ctf[positions], labels[positions])
+        sampler: Any
+        if shuffle and world > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                data, world, rank, shuffle=True, seed=config.seed
+            )
+            sampler.set_epoch(epoch)
+        elif shuffle:
+            g = torch.Generator().manual_seed(config.seed + epoch)
+            sampler = torch.utils.data.RandomSampler(data, generator=g)
+        else:
+            sampler = torch.utils.data.SequentialSampler(data)
+        batches = torch.utils.data.BatchSampler(sampler, config.batch_size, drop_last=False)
+        return torch.utils.data.DataLoader(
+            data,
+            batch_size=None,
+            sampler=batches,
+            num_workers=config.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def prepare(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, y, c, _ = (t.to(device, non_blocking=True) for t in batch)
+        x = preprocess_images(
+            images,
+            pixel_size_angstrom=pixel_size_angstrom,
+            config=prep,
+            ctf=ctf_from_rows(c.double().cpu().numpy(), device),
+        )
+        return x, y.float()
+
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        net.train()
+        t0 = time.perf_counter()
+        total, count = 0.0, 0
+        batches = loader(splits["train"], True, epoch)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="batch",
+            file=sys.stderr,
+            disable=None if rank == 0 else True,
+            leave=False,
+        )
+        for b, batch in enumerate(bar):
+            if config.max_train_batches and b >= config.max_train_batches:
+                break
+            x, y = prepare(batch)
+            if config.augment:
+                k = torch.randint(0, 4, (len(x),), device=device)
+                x, y = rotate90(x, y, k, spec.slices)
+                y = augment_shift_labels(y, k, spec.slices, spec.shift_mean, spec.shift_std)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                pred = net(x[:, None])
+            loss, _ = target_loss(spec, pred.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        sched.step()
+        val, parts = evaluate(model, loader(splits["val"], False, 0), prepare, spec, device, amp)
+        train_loss = total / max(count, 1)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val,
+            **{f"val_{k}": v for k, v in parts.items()},
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(record)
+        improved = val < best_val
+        best_val, stale = (val, 0) if improved else (best_val, stale + 1)
+        if rank == 0:
+            weights = model.state_dict()
+            if improved:
+                _save(out / "best.pt", {"model": weights, "meta": meta_text})
+            _save(
+                last,
+                {
+                    "model": weights,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch,
+                    "best_val": best_val,
+                    "stale": stale,
+                    "history": json.dumps(history),
+                    "meta": meta_text,
+                },
+            )
+            _write_curves(history, out)
+            log(
+                f"epoch {epoch + 1}: train {train_loss:.4f}, validation {val:.4f}"
+                + (" (best)" if improved else "")
+                + f", {record['seconds']:.1f} s"
+            )
+        if config.early_stopping and stale >= config.early_stopping:
+            if rank == 0:
+                log(f"early stop: no validation improvement for {stale} epochs")
+            break
+    if rank == 0:
+        with atomic_path(out / "splits.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **splits)  # type: ignore[arg-type]
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return {
+        "best_val": best_val,
+        "epochs_run": len(history),
+        "splits": {k: len(v) for k, v in splits.items()},
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Any,
+    prepare: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, torch.Tensor]],
+    spec: TargetSpec,
+    device: torch.device,
+    amp: bool,
+) -> tuple[float, dict[str, float]]:
+    """Mean validation loss and its parts."""
+    model.eval()
+    total, count = 0.0, 0
+    parts_sum: dict[str, float] = {}
+    for batch in batches:
+        x, y = prepare(batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(x[:, None])
+        loss, parts = target_loss(spec, pred.float(), y)
+        total += float(loss) * len(x)
+        count += len(x)
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * len(x)
+    return total / max(count, 1), {k: v / max(count, 1) for k, v in parts_sum.items()}
+
+
+def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
+    """`TrainConfig` of a preset with explicit overrides (None values ignored)."""
+    if preset not in PRESETS:
+        raise InputError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    base = replace(TrainConfig(), **PRESETS[preset])
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,279 @@
+"""The network: targets, splits, exact augmentation, train -> predict end to end, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import starfile
+import torch
+from scipy.spatial.transform import Rotation
+
+from deephemnma_bridge.adapters import read_particles
+from deephemnma_bridge.alignment.render import render_projections
+from deephemnma_bridge.cli import main
+from deephemnma_bridge.conventions import euler_to_matrix, matrix_to_quaternion
+from deephemnma_bridge.errors import InputError
+from deephemnma_bridge.training.data import augment_shift_labels, rotate90, split_particles
+from deephemnma_bridge.training.model import DeepHEMNMANet
+from deephemnma_bridge.training.targets import TargetSpec, decode, encode, target_loss
+from deephemnma_bridge.training.trainer import load_checkpoint
+
+FAST_ALIGN = [
+    "--working-size",
+    "64",
+    "--search-step",
+    "20",
+    "--iterations",
+    "10,10",
+    "--candidates",
+    "1",
+]
+FAST_TRAIN = ["--preset", "fast", "--size", "32", "--workers", "0", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 simulated AdK particles (64 px, 1.3 Å) aligned with HEMNMA."""
+    root = tmp_path_factory.mktemp("net")
+    argv = ["simulate", "--n", "32", "--box", "64", "--pixel-size", "1.3", "--seed", "4"]
+    with pytest.warns(UserWarning, match="may leave"):
+        assert main([*argv, "--out", str(root / "sim"), "--device", "cpu"]) == 0
+    star, modes = str(root / "sim" / "particles.star"), str(root / "sim" / "modes.npz")
+    assert main(["align", star, "--modes", modes, *FAST_ALIGN, "--out", str(root / "al")]) == 0
+    return root
+
+
+def test_model_outputs_and_no_download() -> None:
+    net = DeepHEMNMANet(n_outputs=9)
+    assert net(torch.zeros(3, 1, 32, 32)).shape == (3, 9)
+    sizes = [m.out_features for m in net.head if isinstance(m, torch.nn.Linear)]
+    assert sizes == [1000, 512, 128, 9]
+    assert net.backbone.conv1.in_channels == 1
+
+
+def test_targets_round_trip_and_sign_free_quaternion_loss() -> None:
+    rng = np.random.default_rng(0)
+    amps = rng.normal(size=(20, 3)) * [10, 5, 2]
+    rots = Rotation.random(20, random_state=1).as_matrix()
+    shifts = rng.normal(size=(20, 2)) * 3
+    spec = TargetSpec.create("all", n_modes=3).fitted(amps, shifts)
+    y = encode(spec, amps, rots, shifts)
+    assert y.shape == (20, 9) and np.allclose(y[:, :3].mean(0), 0, atol=1e-6)
+    back = decode(spec, torch.tensor(y))
+    np.testing.assert_allclose(back["amplitudes"], amps, atol=1e-4)
+    np.testing.assert_allclose(back["rotations"], rots, atol=1e-5)
+    np.testing.assert_allclose(back["shifts"], shifts, atol=1e-5)
+    # q and -q are the same rotation: same loss; an unnormalised output is renormalised
+    flipped = torch.tensor(y).clone()
+    flipped[:, 3:7] *= -2.5
+    loss, parts = target_loss(spec, flipped, torch.tensor(y))
+    assert float(parts["orientation"]) < 1e-6 and float(loss) < 1e-5
+    again = decode(spec, flipped)
+    np.testing.assert_allclose(again["rotations"], rots, atol=1e-5)
+    assert TargetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(InputError, match="--target"):
+        TargetSpec.create("pose", n_modes=3)
+
+
+def test_splits_are_disjoint_seeded_and_per_particle() -> None:
+    a = split_particles(100, 0.1, 0.2, seed=3)
+    assert [len(a[k]) for k in ("train", "val", "test")] == [70, 10, 20]
+    every = np.concatenate(list(a.values()))
+    assert sorted(every.tolist()) == list(range(100))
+    b = split_particles(100, 0.1, 0.2, seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["val"], split_particles(100, 0.1, 0.2, seed=4)["val"])
+
+
+def test_rotation_augmentation_transforms_labels_exactly() -> None:
+    rng = np.random.default_rng(0)
+    xyz = torch.tensor(rng.normal(size=(30, 3)) * 6)
+    a = euler_to_matrix([[30.0, 50.0, 70.0]])
+    o = np.array([[3.0, -5.0]])
+    none = (torch.zeros(0, 30, 3, dtype=torch.float64), torch.zeros(1, 0, dtype=torch.float64))
+    kw = {"box_size_px": 48, "pixel_size_angstrom": 1.0, "sigma_angstrom": 1.5}
+    image = render_projections(xyz, *none, torch.tensor(a), torch.tensor(o), **kw)
+    spec = TargetSpec.create("all", n_modes=1).fitted(np.zeros((2, 1)), np.array([[0, 0], [2, 4]]))
+    labels = torch.tensor(encode(spec, np.zeros((1, 1)), a, o), dtype=torch.float64)
+    for k in (1, 2, 3):
+        turned, lab = rotate90(image, labels, torch.tensor([k]), spec.slices)
+        lab = augment_shift_labels(
+            lab, torch.tensor([k]), spec.slices, spec.shift_mean, spec.shift_std
+        )
+        out = decode(spec, lab)
+        expected = render_projections(
+            xyz, *none, torch.tensor(out["rotations"]), torch.tensor(out["shifts"]), **kw
+        )
+        # equal except the one wrapped edge row/column
+        err = (turned - expected)[:, 1:, 1:].abs().max() / expected.abs().max()
+        assert float(err) < 1e-6, k
+        angle = np.radians(90 * k)
+        rz = Rotation.from_euler("z", angle).as_matrix()
+        np.testing.assert_allclose(
+            matrix_to_quaternion(out["rotations"]), matrix_to_quaternion(rz @ a), atol=1e-6
+        )
+
+
+def test_train_then_predict_end_to_end(aligned: Path, tmp_path: Path) -> None:
+    net = tmp_path / "net"
+    al = str(aligned / "al" / "particles.star")
+    assert main(["train", al, "--out", str(net), *FAST_TRAIN, "--epochs", "2"]) == 0
+    for name in ("best.pt", "last.pt", "training.csv", "training.png", "splits.npz"):
+        assert (net / name).is_file(), name
+    _, meta = load_checkpoint(net)
+    assert meta["mode_numbers"] == [7, 8, 9] and meta["preprocess"]["output_size_px"] == 32
+    payload = torch.load(net / "last.pt", weights_only=True)  # no arbitrary unpickling
+    assert int(payload["epoch"]) == 1
+    # rerun with more epochs: resumes after epoch 2
+    assert main(["train", al, "--out", str(net), *FAST_TRAIN, "--epochs", "3"]) == 0
+    rows = (net / "training.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("epoch,train_loss,val_loss")
+    # other data in the same folder: refused
+    assert main(["train", al, "--out", str(net), *FAST_TRAIN, "--epochs", "3", "--seed", "9"]) == 2
+    # predict: every particle, HEMNMA values kept for the aligned ones given
+    sim = aligned / "sim"
+    half = tmp_path / "half.star"
+    blocks = starfile.read(al, always_dict=True)
+    blocks["particles"] = blocks["particles"].iloc[:10]
+    starfile.write(blocks, half)
+    out = tmp_path / "pred"
+    argv = [
+        "predict",
+        str(sim / "particles.star"),
+        "--checkpoint",
+        str(net),
+        "--out",
+        str(out),
+        "--hemnma",
+        str(half),
+        "--modes",
+        str(sim / "modes.npz"),
+        "--refine",
+        "3",
+        "--workers",
+        "0",
+        "--batch-size",
+        "7",
+    ]
+    assert main(argv) == 0
+    result = read_particles(out / "particles.star")
+    assert len(result) == 32 and result.rotation_matrices is not None
+    src = np.asarray(result.extra["dhnSource"]).astype(str)
+    assert (src[:10] == "hemnma").all() and (src[10:] == "network").all()
+    assert np.isfinite(np.asarray(result.extra["dhnCost"], dtype=float)).all()
+    hem = read_particles(al)
+    np.testing.assert_allclose(result.rotation_matrices[:10], hem.rotation_matrices[:10], atol=1e-5)
+    assert "dhnTrueAmplitude7" in result.extra  # every input column kept
+    assert read_particles(out / "particles.cs").rotation_matrices is not None
+
+
+def test_ddp_two_processes(aligned: Path, tmp_path: Path) -> None:
+    al = str(aligned / "al" / "particles.star")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = str(29600 + os.getpid() % 1000)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        "-m",
+        "deephemnma_bridge.cli",
+        "train",
+        al,
+        "--out",
+        str(tmp_path / "ddp"),
+        *FAST_TRAIN,
+        "--epochs",
+        "1",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, meta = load_checkpoint(tmp_path / "ddp")
+    assert meta["train"]["epochs"] == 1
+    # sharded prediction equals the single-process one
+    sim = aligned / "sim"
+    base = [
+        "predict",
+        str(sim / "particles.star"),
+        "--checkpoint",
+        str(tmp_path / "ddp"),
+        "--workers",
+        "0",
+        "--batch-size",
+        "5",
+        "--device",
+        "cpu",
+    ]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(int(port) + 1),
+        "-m",
+        "deephemnma_bridge.cli",
+        *base,
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = read_particles(tmp_path / "one" / "particles.star")
+    b = read_particles(tmp_path / "two" / "particles.star")
+    np.testing.assert_allclose(b.rotation_matrices, a.rotation_matrices, atol=1e-4)
+    np.testing.assert_allclose(
+        b.extra["dhnAmplitude7"].astype(float), a.extra["dhnAmplitude7"].astype(float), atol=1e-3
+    )
+
+
+def test_training_bad_input(
+    aligned: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = aligned / "sim"
+    assert (
+        main(["train", str(sim / "particles.star"), "--out", str(tmp_path / "n"), *FAST_TRAIN]) == 2
+    )
+    assert "no _dhnAmplitude" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "predict",
+                str(sim / "particles.star"),
+                "--checkpoint",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
+    assert "no checkpoint" in capsys.readouterr().err
+    evil = tmp_path / "evil.pt"
+    torch.save({"meta": object(), "model": {}}, evil)
+    assert (
+        main(
+            [
+                "predict",
+                str(sim / "particles.star"),
+                "--checkpoint",
+                str(evil),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
+    assert "not a deephemnma checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
