@@ -358,6 +358,8 @@ def _read_side_file(side: Path, image_names: pd.Series) -> dict[str, NDArray[Any
 
 # ---------------------------------------------------------------------------------- writing
 def _image_names(table: ParticleTable) -> NDArray[Any]:
+    if len(table) == 0:
+        return np.zeros(0, dtype=object)
     numbers = pd.Series(table.image_indices + 1).map("{:06d}".format)
     return (numbers + "@" + pd.Series(table.image_paths, dtype=object).astype(str)).to_numpy()
 
@@ -519,7 +521,10 @@ def write_relion_particles(
             used = np.unique(table.optics_group)
             optics = optics[optics["rlnOpticsGroup"].isin(used)].reset_index(drop=True)
         # image names: verbatim where the particle's stack and index are unchanged
-        old_paths, old_index = _split_image_names(out_path, df["rlnImageName"].astype(str))
+        if len(df) == 0:
+            old_paths, old_index = np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64)
+        else:
+            old_paths, old_index = _split_image_names(out_path, df["rlnImageName"].astype(str))
         same = (old_index == table.image_indices) & (
             pd.Series(old_paths, dtype=object).astype(str).to_numpy()
             == pd.Series(table.image_paths, dtype=object).astype(str).to_numpy()

@@ -27,6 +27,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("align", "align", "HEMNMA: mode amplitudes, orientation and shifts of every particle"),
     ("train", "train", "train the ResNet34 + MLP network on HEMNMA results"),
     ("predict", "predict", "predict amplitudes, orientations and shifts with trained networks"),
+    ("analyze", "analyze", "conformational space: PCA, groups, subsets, models, report"),
+    ("run", "run", "the whole pipeline: modes, HEMNMA, network, prediction, analysis"),
+    ("demo", "demo", "the whole pipeline on simulated adenylate kinase, with accuracy"),
     ("simulate", "simulate", "simulate particle images with ground truth (synthetic benchmark)"),
 ]
 

@@ -233,9 +233,14 @@ def main(args: argparse.Namespace) -> int:
             rot = torch.as_tensor(table.rotation_matrices[rows], device=device)
             shifts = torch.as_tensor(table.shifts_angstrom[rows], device=device)
         result = align_batch(
-            x, ctf_raw, reference, config, pixel_size_angstrom=work_pixel,
-            rotations=rot, shifts_angstrom=shifts,
-        )  # fmt: skip
+            x,
+            ctf_raw,
+            reference,
+            config,
+            pixel_size_angstrom=work_pixel,
+            rotations=rot,
+            shifts_angstrom=shifts,
+        )
         run.store(
             local,
             amplitudes=result.amplitudes,

@@ -1,0 +1,185 @@
+"""DeepHEMNMA network accuracy and inference throughput on the synthetic set (prints figures).
+
+1. Simulates ``--n-train + --n-test`` particles with the simulator's defaults (all-atom 4AKE
+   chain A, modes 7-9, SNR 0.1, CTF, 128 px at 0.65 Å).
+2. HEMNMA (``deephemnma align``) on the training particles and, for comparison, on the
+   held-out ones.
+3. Trains the network on the training particles' HEMNMA results (``--preset``, ``--size``,
+   ``--epochs``), predicts the held-out particles, and reports errors against the ground
+   truth for the network and for HEMNMA on the same particles (angular error median / p90,
+   shift, amplitude r and MAE/range), and their ratio.
+4. Inference throughput: end to end (``deephemnma predict``: stack -> STAR, in-process timing
+   printed by the command) and the bare network forward pass on preprocessed tensors of the
+   same size and batch, measured in the same run.
+
+    python benchmarks/bench_network.py [--n-train 2000] [--n-test 500] [--epochs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import starfile
+import torch
+
+from deephemnma_bridge.adapters import read_particles
+from deephemnma_bridge.conventions import angle_between_rotations_degrees, euler_to_matrix
+from deephemnma_bridge.training.model import DeepHEMNMANet
+
+CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
+
+
+def cli(args: list[str]) -> str:
+    t0 = time.perf_counter()
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{args[0]} failed:\n{done.stderr[-3000:]}")
+    print(f"  {args[0]}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return done.stdout
+
+
+def errors(path: Path, pixel: float) -> dict[str, float]:
+    t = read_particles(path)
+    truth = euler_to_matrix(
+        np.stack([t.extra[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1).astype(float)
+    )
+    assert t.rotation_matrices is not None
+    ang = angle_between_rotations_degrees(t.rotation_matrices, truth)
+    origin = np.stack([t.extra["dhnTrueOriginXAngst"], t.extra["dhnTrueOriginYAngst"]], 1)
+    shift = np.linalg.norm(t.shifts_angstrom - origin.astype(float), axis=1) / pixel
+    out = {
+        "angle_median": float(np.median(ang)),
+        "angle_p90": float(np.percentile(ang, 90)),
+        "shift_px": float(np.median(shift)),
+    }
+    for m in (7, 8, 9):
+        est = t.extra[f"dhnAmplitude{m}"].astype(float)
+        true = t.extra[f"dhnTrueAmplitude{m}"].astype(float)
+        out[f"r{m}"] = float(np.corrcoef(est, true)[0, 1])
+        out[f"mae{m}"] = float(np.mean(np.abs(est - true)) / np.ptp(true))
+    return out
+
+
+def show(name: str, e: dict[str, float]) -> None:
+    print(
+        f"{name:>10}: angle {e['angle_median']:.2f}° (p90 {e['angle_p90']:.2f}°), shift "
+        f"{e['shift_px']:.2f} px, r {e['r7']:.3f} {e['r8']:.3f} {e['r9']:.3f}, mae/range "
+        f"{e['mae7']:.3f} {e['mae8']:.3f} {e['mae9']:.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--size", type=int, default=64, help="network input size, px")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_network_"))
+    work.mkdir(parents=True, exist_ok=True)
+    n = args.n_train + args.n_test
+    print(f"work dir {work}; {torch.get_num_threads()} threads; {n} particles", flush=True)
+    sim = work / "sim"
+    if not sim.exists():
+        cli(["simulate", "--n", str(n), "--seed", "21", "--out", str(sim)])
+    blocks = starfile.read(sim / "particles.star", always_dict=True)
+    for name, rows in (("train", slice(0, args.n_train)), ("test", slice(args.n_train, n))):
+        starfile.write(
+            {"optics": blocks["optics"], "particles": blocks["particles"].iloc[rows]},
+            sim / f"{name}.star",
+        )
+    modes = str(sim / "modes.npz")
+    for name in ("train", "test"):
+        if not (work / f"hemnma_{name}").exists():
+            cli(
+                [
+                    "align",
+                    str(sim / f"{name}.star"),
+                    "--modes",
+                    modes,
+                    "--out",
+                    str(work / f"hemnma_{name}"),
+                ]
+            )
+    net = work / "net"
+    cli(
+        [
+            "train",
+            str(work / "hemnma_train" / "particles.star"),
+            "--out",
+            str(net),
+            "--preset",
+            args.preset,
+            "--size",
+            str(args.size),
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--test-fraction",
+            "0",
+        ]
+    )
+    pred = work / "predicted"
+    if pred.exists():
+        import shutil
+
+        shutil.rmtree(pred)
+    out = cli(
+        [
+            "predict",
+            str(sim / "test.star"),
+            "--checkpoint",
+            str(net),
+            "--out",
+            str(pred),
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            "cpu",
+        ]
+    )
+    rate = float(re.search(r"\(([\d.]+)/s", out).group(1))  # type: ignore[union-attr]
+    hem = errors(work / "hemnma_test" / "particles.star", 0.65)
+    netw = errors(pred / "particles.star", 0.65)
+    print(
+        f"held-out {args.n_test} particles, network trained on {args.n_train} HEMNMA results "
+        f"({args.preset} preset, {args.size} px, {args.epochs} epochs at most):"
+    )
+    show("HEMNMA", hem)
+    show("network", netw)
+    print(
+        f"ratio network / HEMNMA: angle {netw['angle_median'] / hem['angle_median']:.2f}x, "
+        f"shift {netw['shift_px'] / hem['shift_px']:.2f}x, amplitude MAE "
+        f"{np.mean([netw[f'mae{m}'] / hem[f'mae{m}'] for m in (7, 8, 9)]):.2f}x"
+    )
+    # bare forward throughput, same size and batch, same process layout (eval, no grad)
+    model = DeepHEMNMANet(9).eval()
+    x = torch.randn(args.batch_size, 1, args.size, args.size)
+    with torch.no_grad():
+        model(x)
+        t0 = time.perf_counter()
+        reps = 0
+        while time.perf_counter() - t0 < 10:
+            model(x)
+            reps += 1
+    bare = reps * args.batch_size / (time.perf_counter() - t0)
+    print(
+        f"inference: end to end {rate:.0f} particles/s (stack -> STAR, predict loop), bare "
+        f"forward {bare:.0f} images/s at {args.size} px, batch {args.batch_size}: "
+        f"{100 * rate / bare:.0f} %"
+    )
+
+
+if __name__ == "__main__":
+    main()

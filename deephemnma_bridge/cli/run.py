@@ -1,0 +1,279 @@
+"""The whole DeepHEMNMA pipeline: modes -> HEMNMA on a training subset -> outliers ->
+training -> prediction on every particle -> conformational space.
+
+Each stage writes into its own subfolder of DIR (modes/, subset/, hemnma/, network/,
+predicted/, analysis/), is skipped when it already finished with the same options (a record
+in DIR/stages/), and resumes after an interruption (rerun the same command). Every option can
+also come from a TOML file (--config; keys are the option names with underscores, e.g.
+n_train = 2000); command-line options win.
+
+Examples:
+  deephemnma run --particles Refine3D/job025/run_data.star --model model.pdb --out dhn
+  deephemnma run --particles particles.cs --modes modes.npz --n-train 5000 --out dhn
+  deephemnma run --config dhn.toml --out dhn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+
+from ..errors import InputError
+
+#: Every option of the pipeline with its default (None: required or computed).
+DEFAULTS: dict[str, Any] = {
+    "particles": None,
+    "model": None,
+    "modes": None,
+    "use_modes": "7,8,9",
+    "n_modes": 20,
+    "n_train": None,
+    "seed": 0,
+    "outliers": 3.2,
+    "align_working_size": 128,
+    "align_iterations": "40,80",
+    "search_step": 10.0,
+    "preset": "fast",
+    "epochs": None,
+    "size": 128,
+    "batch_size": None,
+    "groups": "bins",
+    "min_count": None,
+    "n_groups": 4,
+    "refine": 0,
+    "device": "auto",
+    "workers": 2,
+    "relion_version": "3.1",
+}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``deephemnma run`` (each also a --config key)."""
+    p = parser.add_argument
+    p("--out", type=Path, required=True, help="output folder")
+    p("--config", type=Path, default=None, help="TOML file with any of the options below")
+    p("--particles", default=None, help="RELION .star or cryoSPARC .cs")
+    p("--model", default=None, help="PDB/mmCIF model or MRC map (modes are computed)")
+    p("--modes", default=None, help="modes .npz instead of --model")
+    p("--use-modes", default=None, help="mode numbers (7,8,9)")
+    p("--n-modes", type=int, default=None, help="modes computed from --model (20)")
+    p(
+        "--n-train",
+        type=int,
+        default=None,
+        help="particles aligned by HEMNMA to train the network (default: a third, 200..20000)",
+    )
+    p("--seed", type=int, default=None, help="training-subset and split seed (0)")
+    p("--outliers", type=float, default=None, help="Mahalanobis threshold (3.2; 0: off)")
+    p("--align-working-size", type=int, default=None, help="HEMNMA image size (128)")
+    p("--align-iterations", default=None, help="HEMNMA refinement steps (40,80)")
+    p("--search-step", type=float, default=None, help="HEMNMA SO(3) grid step (10)")
+    p("--preset", choices=["paper", "fast"], default=None, help="training preset (fast)")
+    p("--epochs", type=int, default=None)
+    p("--size", type=int, default=None, help="network input size, px (128)")
+    p("--batch-size", type=int, default=None)
+    p("--groups", choices=["bins", "kmeans", "gmm", "none"], default=None)
+    p("--min-count", type=int, default=None)
+    p("--n-groups", type=int, default=None)
+    p("--refine", type=int, default=None, help="HEMNMA iterations after prediction (0)")
+    p("--device", default=None, help="auto, cpu or cuda")
+    p("--workers", type=int, default=None, help="DataLoader workers (2)")
+    p("--relion-version", choices=["3.0", "3.1"], default=None)
+
+
+def options_from(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the --config file, then the command line."""
+    opts = dict(DEFAULTS)
+    if args.config is not None:
+        if not args.config.is_file():
+            raise InputError(f"--config {args.config}: no such file")
+        try:
+            loaded = tomllib.loads(args.config.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"--config {args.config}: not valid TOML ({exc})") from exc
+        unknown = sorted(set(loaded) - set(DEFAULTS))
+        if unknown:
+            raise InputError(
+                f"--config {args.config}: unknown key(s) {', '.join(unknown)}; known: "
+                f"{', '.join(DEFAULTS)}"
+            )
+        opts.update(loaded)
+    for key in DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            opts[key] = value
+    if isinstance(opts["use_modes"], list):
+        opts["use_modes"] = ",".join(str(m) for m in opts["use_modes"])
+    return opts
+
+
+def _stage(out: Path, name: str, argv: list[str], log: Callable[[str], None], done: Path) -> None:
+    """Run ``deephemnma argv`` unless it already finished with the same argv."""
+    from . import main as cli_main
+
+    record = out / "stages" / f"{name}.json"
+    if record.is_file() and json.loads(record.read_text()) == argv and done.exists():
+        log(f"[{name}] up to date, skipped")
+        return
+    log(f"[{name}] deephemnma {' '.join(argv)}")
+    code = cli_main(argv)
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise InputError(f"stage {name} failed (exit code {code}); see the message above")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(argv))
+
+
+def run_pipeline(
+    opts: dict[str, Any], out: Path, log: Callable[[str], None] = print
+) -> dict[str, Path]:
+    """Run every stage into ``out``; returns the main outputs."""
+    from ..adapters import read_particles, write_particles
+    from ..adapters.images import portable_image_paths
+
+    if not opts.get("particles"):
+        raise InputError("no particles: give --particles (a RELION .star or cryoSPARC .cs)")
+    if not opts.get("model") and not opts.get("modes"):
+        raise InputError("no reference: give --model (PDB/mmCIF/map) or --modes (a .npz)")
+    particles = Path(opts["particles"])
+    table = read_particles(particles)
+    n = len(table)
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--device", str(opts["device"])]
+    # 1. modes
+    if opts.get("modes"):
+        modes = Path(opts["modes"])
+    else:
+        modes = out / "modes" / "modes.npz"
+        _stage(
+            out,
+            "modes",
+            ["modes", str(opts["model"]), "--out", str(modes), "--n-modes", str(opts["n_modes"])],
+            log,
+            modes,
+        )
+    # 2. training subset
+    n_train = opts["n_train"] or int(np.clip(n // 3, min(200, n), 20_000))
+    if n_train < 10 or n_train > n:
+        raise InputError(f"--n-train must be between 10 and the {n} particles, got {n_train}")
+    subset = out / "subset" / ("train.cs" if particles.suffix.lower() == ".cs" else "train.star")
+    rng = np.random.default_rng(int(opts["seed"]))
+    chosen = np.sort(rng.choice(n, size=n_train, replace=False))
+    if not subset.exists():
+        subset.parent.mkdir(parents=True, exist_ok=True)
+        write_particles(portable_image_paths(table.take(chosen)), subset)
+    # 3. HEMNMA on it, with outliers flagged
+    hemnma = out / "hemnma"
+    align = [
+        "align",
+        str(subset),
+        "--modes",
+        str(modes),
+        "--use-modes",
+        str(opts["use_modes"]),
+        "--out",
+        str(hemnma),
+        "--working-size",
+        str(opts["align_working_size"]),
+        "--iterations",
+        str(opts["align_iterations"]),
+        "--search-step",
+        str(opts["search_step"]),
+        *common,
+    ]
+    if opts["outliers"]:
+        align += ["--outliers", str(opts["outliers"])]
+    _stage(out, "hemnma", align, log, hemnma / "particles.star")
+    training_set = hemnma / ("inliers.star" if opts["outliers"] else "particles.star")
+    # 4. the network
+    network = out / "network"
+    train = [
+        "train",
+        str(training_set),
+        "--out",
+        str(network),
+        "--preset",
+        str(opts["preset"]),
+        "--size",
+        str(opts["size"]),
+        "--seed",
+        str(opts["seed"]),
+        "--workers",
+        str(opts["workers"]),
+        *common,
+    ]
+    if opts["epochs"]:
+        train += ["--epochs", str(opts["epochs"])]
+    if opts["batch_size"]:
+        train += ["--batch-size", str(opts["batch_size"])]
+    _stage(out, "network", train, log, network / "best.pt")
+    # 5. prediction on every particle (HEMNMA values kept for the training subset)
+    predicted = out / "predicted"
+    predict = [
+        "predict",
+        str(particles),
+        "--checkpoint",
+        str(network),
+        "--out",
+        str(predicted),
+        "--hemnma",
+        str(training_set),
+        "--modes",
+        str(modes),
+        "--refine",
+        str(opts["refine"]),
+        "--workers",
+        str(opts["workers"]),
+        "--relion-version",
+        str(opts["relion_version"]),
+        *common,
+    ]
+    _stage(out, "predicted", predict, log, predicted / "particles.star")
+    # 6. the conformational space
+    analysis = out / "analysis"
+    analyze = [
+        "analyze",
+        str(predicted / "particles.star"),
+        "--out",
+        str(analysis),
+        "--modes",
+        str(modes),
+        "--groups",
+        str(opts["groups"]),
+        "--n-groups",
+        str(opts["n_groups"]),
+        "--training",
+        str(network),
+        "--relion-version",
+        str(opts["relion_version"]),
+    ]
+    if opts["min_count"]:
+        analyze += ["--min-count", str(opts["min_count"])]
+    _stage(out, "analysis", analyze, log, analysis / "particles.star")
+    return {
+        "modes": modes,
+        "hemnma": hemnma,
+        "network": network,
+        "predicted": predicted,
+        "analysis": analysis,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the pipeline; return 0."""
+    opts = options_from(args)
+    outputs = run_pipeline(opts, args.out, log=lambda s: print(s, flush=True))
+    print(
+        f"done: particles with poses, amplitudes, PCs and groups in "
+        f"{outputs['analysis'] / 'particles.star'}; report {outputs['analysis'] / 'report.md'}",
+        file=sys.stdout,
+    )
+    return 0
