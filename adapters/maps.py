@@ -48,14 +48,18 @@ def read_map(path: str | os.PathLike[str]) -> DensityMap:
             order = (3, 2, 1)  # invalid header: assume the standard order
         perm = [order.index(3), order.index(2), order.index(1)]
         data = np.ascontiguousarray(np.transpose(np.asarray(mrc.data, dtype=np.float32), perm))
-        voxel = np.array([float(mrc.voxel_size.x), float(mrc.voxel_size.y),
-                          float(mrc.voxel_size.z)])  # fmt: skip
+        voxel = np.array(
+            [float(mrc.voxel_size.x), float(mrc.voxel_size.y), float(mrc.voxel_size.z)]
+        )
         if np.any(voxel <= 0):
             raise InputError(f"{path}: the header gives no voxel size (cell dimensions are 0)")
         origin = np.array([float(h.origin.x), float(h.origin.y), float(h.origin.z)])
         if not np.any(origin):
-            start_of_label = {int(h.mapc): int(h.nxstart), int(h.mapr): int(h.nystart),
-                              int(h.maps): int(h.nzstart)}  # fmt: skip
+            start_of_label = {
+                int(h.mapc): int(h.nxstart),
+                int(h.mapr): int(h.nystart),
+                int(h.maps): int(h.nzstart),
+            }
             start = np.array([start_of_label.get(a, 0) for a in (1, 2, 3)], dtype=np.float64)
             origin = start * voxel
     if not np.all(np.isfinite(data)):

@@ -30,6 +30,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("analyze", "analyze", "conformational space: PCA, groups, subsets, models, report"),
     ("run", "run", "the whole pipeline: modes, HEMNMA, network, prediction, analysis"),
     ("demo", "demo", "the whole pipeline on simulated adenylate kinase, with accuracy"),
+    ("cryosparc", "cryosparc", "run on a cryoSPARC job's particles and publish an External job"),
     ("simulate", "simulate", "simulate particle images with ground truth (synthetic benchmark)"),
 ]
 
