@@ -17,7 +17,14 @@ from conftest import shared
 from cryosparc.dataset import Dataset
 
 from deephemnma_bridge.adapters import read_particles, write_particles
-from deephemnma_bridge.analysis import ConformationalSpace, bins_along, clusters, select_expression
+from deephemnma_bridge.analysis import (
+    ConformationalSpace,
+    bins_along,
+    clusters,
+    select_box,
+    select_expression,
+    select_polygon,
+)
 from deephemnma_bridge.cli import main
 from deephemnma_bridge.errors import InputError
 
@@ -90,6 +97,12 @@ def test_space_groups_and_selections() -> None:
     assert sel.sum() == np.sum((coords[:, 0] > 0) & (amps[:, 0] > 0))
     with pytest.raises(InputError, match="cannot evaluate"):
         select_expression(frame, "PC9 > 0")
+    square = [(0.0, 0.0), (5.0, 0.0), (5.0, 5.0), (0.0, 5.0)]
+    inside = select_polygon(coords, square)
+    expected = (coords[:, 0] > 0) & (coords[:, 0] < 5) & (coords[:, 1] > 0) & (coords[:, 1] < 5)
+    np.testing.assert_array_equal(inside, expected)
+    box = select_box(pd.DataFrame({"PC1": coords[:, 0]}), {"PC1": (-1.0, 1.0)})
+    np.testing.assert_array_equal(box, np.abs(coords[:, 0]) <= 1)
 
 
 def test_analyze_writes_groups_models_report(project: Path, tmp_path: Path) -> None:

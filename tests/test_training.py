@@ -123,7 +123,22 @@ def test_rotation_augmentation_transforms_labels_exactly() -> None:
 def test_train_then_predict_end_to_end(aligned: Path, tmp_path: Path) -> None:
     net = tmp_path / "net"
     al = str(aligned / "al" / "particles.star")
-    assert main(["train", al, "--out", str(net), *FAST_TRAIN, "--epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                al,
+                "--out",
+                str(net),
+                *FAST_TRAIN,
+                "--epochs",
+                "2",
+                "--loss-weights",
+                "amplitudes=1,orientation=2,shifts=0.5",
+            ]
+        )
+        == 0
+    )
     for name in ("best.pt", "last.pt", "training.csv", "training.png", "splits.npz"):
         assert (net / name).is_file(), name
     _, meta = load_checkpoint(net)
@@ -131,11 +146,30 @@ def test_train_then_predict_end_to_end(aligned: Path, tmp_path: Path) -> None:
     payload = torch.load(net / "last.pt", weights_only=True)  # no arbitrary unpickling
     assert int(payload["epoch"]) == 1
     # rerun with more epochs: resumes after epoch 2
-    assert main(["train", al, "--out", str(net), *FAST_TRAIN, "--epochs", "3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                al,
+                "--out",
+                str(net),
+                *FAST_TRAIN,
+                "--epochs",
+                "3",
+                "--loss-weights",
+                "amplitudes=1,orientation=2,shifts=0.5",
+            ]
+        )
+        == 0
+    )
     rows = (net / "training.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("epoch,train_loss,val_loss")
     # other data in the same folder: refused
     assert main(["train", al, "--out", str(net), *FAST_TRAIN, "--epochs", "3", "--seed", "9"]) == 2
+    assert (
+        main(["train", al, "--out", str(tmp_path / "w"), *FAST_TRAIN, "--loss-weights", "pose=2"])
+        == 2
+    )
     # predict: every particle, HEMNMA values kept for the aligned ones given
     sim = aligned / "sim"
     half = tmp_path / "half.star"

@@ -44,6 +44,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--val-fraction", type=float, default=None, help="validation particles (0.1)")
     p("--test-fraction", type=float, default=None, help="held-out test particles (0.1)")
     p("--early-stopping", type=int, default=None, help="patience in epochs (0: off)")
+    p(
+        "--loss-weights",
+        default=None,
+        help="per-part loss weights for --target all, e.g. amplitudes=1,orientation=2,shifts=1",
+    )
     p("--augment", action="store_true", help="exact 90° in-plane rotations, labels rotated")
     p("--workers", type=int, default=None, help="DataLoader workers (2)")
     p("--seed", type=int, default=None)
@@ -64,6 +69,16 @@ def main(args: argparse.Namespace) -> int:
     from ..training.trainer import config_from_preset, train
 
     check_not_input(args.out, args.aligned)
+    weights: tuple[tuple[str, float], ...] | None = None
+    if args.loss_weights:
+        try:
+            pairs = [item.split("=") for item in args.loss_weights.split(",")]
+            weights = tuple((k.strip(), float(v)) for k, v in pairs)
+        except ValueError:
+            raise InputError(f"--loss-weights {args.loss_weights!r}: use part=weight,...") from None
+        unknown = [k for k, _ in weights if k not in ("amplitudes", "orientation", "shifts")]
+        if unknown:
+            raise InputError(f"--loss-weights: unknown part(s) {unknown}")
     table = read_particles(args.aligned)
     config = config_from_preset(
         args.preset,
@@ -78,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
         augment=args.augment or None,
         workers=args.workers,
         seed=args.seed,
+        loss_weights=weights,
     )
     modes = amplitude_columns(table.extra)
     if config.target in ("all", "amplitudes") and not modes:
