@@ -44,7 +44,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="align output whose particles keep their HEMNMA values (_dhnSource hemnma)",
     )
     p("--batch-size", type=int, default=64)
-    p("--workers", type=int, default=2, help="DataLoader workers")
+    p(
+        "--workers",
+        type=int,
+        default=-1,
+        help="DataLoader workers (-1: auto, 0 on a CPU, up to 4 with a GPU)",
+    )
     p("--checkpoint-every", type=int, default=2048, help="particles between checkpoints")
     p("--relion-version", choices=["3.0", "3.1"], default="3.1")
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
@@ -58,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..adapters import ParticleImages, read_particles, write_particles
     from ..adapters.images import portable_image_paths
-    from ..device import resolve_device
+    from ..device import loader_workers, resolve_device
     from ..fileutils import atomic_dir, check_not_input
     from ..preprocess import PreprocessConfig, preprocess_images
     from ..training.data import CTF_FIELDS, ParticleBatches, ctf_from_rows
@@ -141,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
         data,
         batch_size=None,
         sampler=batches,
-        num_workers=args.workers,
+        num_workers=loader_workers(args.workers, device),
         pin_memory=device.type == "cuda",
     )
     local_of = {int(r): k for k, r in enumerate(run.mine)}

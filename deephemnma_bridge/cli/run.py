@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "n_groups": 4,
     "refine": 0,
     "device": "auto",
-    "workers": 2,
+    "workers": -1,
     "relion_version": "3.1",
 }
 
@@ -84,7 +84,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--n-groups", type=int, default=None)
     p("--refine", type=int, default=None, help="HEMNMA iterations after prediction (0)")
     p("--device", default=None, help="auto, cpu or cuda")
-    p("--workers", type=int, default=None, help="DataLoader workers (2)")
+    p(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers (-1: auto, 0 on a CPU, up to 4 with a GPU)",
+    )
     p("--relion-version", choices=["3.0", "3.1"], default=None)
 
 

@@ -50,7 +50,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="per-part loss weights for --target all, e.g. amplitudes=1,orientation=2,shifts=1",
     )
     p("--augment", action="store_true", help="exact 90° in-plane rotations, labels rotated")
-    p("--workers", type=int, default=None, help="DataLoader workers (2)")
+    p(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers (-1: auto, 0 on a CPU, up to 4 with a GPU)",
+    )
     p("--seed", type=int, default=None)
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
 

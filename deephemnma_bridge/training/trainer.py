@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from ..device import loader_workers
 from ..errors import InputError
 from ..fileutils import atomic_path
 from ..imagesource import ImageSource
@@ -54,7 +55,7 @@ class TrainConfig:
     early_stopping: int = 0  # epochs without validation improvement; 0: off
     amp: bool = False  # bfloat16 autocast on CUDA
     augment: bool = False  # exact in-plane k x 90° rotations with transformed labels
-    workers: int = 2
+    workers: int = -1  # -1: auto (device.loader_workers)
     size_px: int = 128
     loss_weights: tuple[tuple[str, float], ...] = ()
     max_train_batches: int = 0  # 0: all (for quick checks)
@@ -250,7 +251,7 @@ def train(
             data,
             batch_size=None,
             sampler=batches,
-            num_workers=config.workers,
+            num_workers=loader_workers(config.workers, device),
             pin_memory=device.type == "cuda",
             persistent_workers=False,
         )
