@@ -26,10 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from deephemnma_bridge.adapters import read_particles
-from deephemnma_bridge.conventions import angle_between_rotations_degrees, euler_to_matrix
+from deephemnma_bridge.evaluation import ground_truth_errors
 
 CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
 
@@ -47,26 +45,8 @@ def run(args: list[str]) -> tuple[float, float]:
     return wall, cpu
 
 
-def scores(aligned: Path, pixel: float) -> dict[str, object]:
-    t = read_particles(aligned)
-    truth = euler_to_matrix(
-        np.stack([t.extra[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1).astype(float)
-    )
-    assert t.rotation_matrices is not None
-    angles = angle_between_rotations_degrees(t.rotation_matrices, truth)
-    origin = np.stack([t.extra["dhnTrueOriginXAngst"], t.extra["dhnTrueOriginYAngst"]], 1)
-    shift = np.linalg.norm(t.shifts_angstrom - origin.astype(float), axis=1) / pixel
-    out: dict[str, object] = {
-        "angle_median": float(np.median(angles)),
-        "angle_p90": float(np.percentile(angles, 90)),
-        "shift_px_median": float(np.median(shift)),
-    }
-    for m in (7, 8, 9):
-        est = t.extra[f"dhnAmplitude{m}"].astype(float)
-        true = t.extra[f"dhnTrueAmplitude{m}"].astype(float)
-        out[f"r{m}"] = float(np.corrcoef(est, true)[0, 1])
-        out[f"mae{m}"] = float(np.mean(np.abs(est - true)) / np.ptp(true))
-    return out
+def scores(aligned: Path) -> dict[str, float]:
+    return ground_truth_errors(read_particles(aligned))["all"]
 
 
 def case(
@@ -109,10 +89,10 @@ def case(
             device,
         ]
     )
-    s = scores(out / "particles.star", pixel)
+    s = scores(out / "particles.star")
     print(
         f"{name:>22} {n:5d}  {s['angle_median']:6.2f}° {s['angle_p90']:6.2f}°  "
-        f"{s['shift_px_median']:5.2f} px  r {s['r7']:.3f} {s['r8']:.3f} {s['r9']:.3f}  "
+        f"{s['shift_px']:5.2f} px  r {s['r7']:.3f} {s['r8']:.3f} {s['r9']:.3f}  "
         f"mae/range {s['mae7']:.3f} {s['mae8']:.3f} {s['mae9']:.3f}  "
         f"{cpu / n:6.3f} CPU-s/p  {wall / n:6.3f} wall-s/p  ({wall:.0f} s)",
         flush=True,

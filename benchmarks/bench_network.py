@@ -30,7 +30,7 @@ import starfile
 import torch
 
 from deephemnma_bridge.adapters import read_particles
-from deephemnma_bridge.conventions import angle_between_rotations_degrees, euler_to_matrix
+from deephemnma_bridge.evaluation import ground_truth_errors
 from deephemnma_bridge.training.model import DeepHEMNMANet
 
 CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
@@ -45,26 +45,8 @@ def cli(args: list[str]) -> str:
     return done.stdout
 
 
-def errors(path: Path, pixel: float) -> dict[str, float]:
-    t = read_particles(path)
-    truth = euler_to_matrix(
-        np.stack([t.extra[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1).astype(float)
-    )
-    assert t.rotation_matrices is not None
-    ang = angle_between_rotations_degrees(t.rotation_matrices, truth)
-    origin = np.stack([t.extra["dhnTrueOriginXAngst"], t.extra["dhnTrueOriginYAngst"]], 1)
-    shift = np.linalg.norm(t.shifts_angstrom - origin.astype(float), axis=1) / pixel
-    out = {
-        "angle_median": float(np.median(ang)),
-        "angle_p90": float(np.percentile(ang, 90)),
-        "shift_px": float(np.median(shift)),
-    }
-    for m in (7, 8, 9):
-        est = t.extra[f"dhnAmplitude{m}"].astype(float)
-        true = t.extra[f"dhnTrueAmplitude{m}"].astype(float)
-        out[f"r{m}"] = float(np.corrcoef(est, true)[0, 1])
-        out[f"mae{m}"] = float(np.mean(np.abs(est - true)) / np.ptp(true))
-    return out
+def errors(path: Path) -> dict[str, float]:
+    return ground_truth_errors(read_particles(path))["all"]
 
 
 def show(name: str, e: dict[str, float]) -> None:
@@ -150,8 +132,8 @@ def main() -> None:
         ]
     )
     rate = float(re.search(r"\(([\d.]+)/s", out).group(1))  # type: ignore[union-attr]
-    hem = errors(work / "hemnma_test" / "particles.star", 0.65)
-    netw = errors(pred / "particles.star", 0.65)
+    hem = errors(work / "hemnma_test" / "particles.star")
+    netw = errors(pred / "particles.star")
     print(
         f"held-out {args.n_test} particles, network trained on {args.n_train} HEMNMA results "
         f"({args.preset} preset, {args.size} px, {args.epochs} epochs at most):"

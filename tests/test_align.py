@@ -359,3 +359,24 @@ def test_a_particle_that_fails_gets_a_flagged_cost_not_a_crash(sim: Path) -> Non
     )
     assert res.converged.tolist() == [True, True, False, True]
     assert np.isnan(res.cost[2]) and np.isfinite(res.cost[[0, 1, 3]]).all()
+
+
+def test_ground_truth_errors_by_source(sim: Path) -> None:
+    from deephemnma_bridge.evaluation import ground_truth_errors
+
+    t = read_particles(sim / "particles.star")
+    truth = euler_to_matrix(
+        np.stack([t.extra[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1).astype(float)
+    )
+    origin = np.stack([t.extra["dhnTrueOriginXAngst"], t.extra["dhnTrueOriginYAngst"]], 1)
+    amps = {f"dhnAmplitude{m}": t.extra[f"dhnTrueAmplitude{m}"].astype(float) for m in (7, 8, 9)}
+    source = np.where(np.arange(len(t)) < 10, "hemnma", "network").astype(object)
+    perfect = t.with_poses(truth, origin.astype(float)).with_extra(**amps, dhnSource=source)
+    scores = ground_truth_errors(perfect, by_source=True)
+    assert set(scores) == {"hemnma", "network"} and scores["hemnma"]["n"] == 10
+    assert scores["network"]["angle_median"] < 1e-4 and scores["network"]["shift_px"] < 1e-6
+    assert scores["hemnma"]["r7"] == pytest.approx(1.0) and scores["hemnma"]["mae9"] == 0.0
+    turned = perfect.with_poses(np.einsum("ij,njk->nik", euler_to_matrix([0, 0, 10.0]), truth))
+    assert ground_truth_errors(turned)["all"]["angle_median"] == pytest.approx(10.0)
+    with pytest.raises(InputError, match="no ground truth"):
+        ground_truth_errors(read_particles(shared("relion/simplecryoem/relion_proj_batch.star")))

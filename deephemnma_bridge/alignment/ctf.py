@@ -42,6 +42,7 @@ from ..errors import InputError
 from ..particles import ParticleTable
 
 __all__ = [
+    "CTF_PARAM_FIELDS",
     "CTFParams",
     "ctf_2d",
     "electron_wavelength_angstrom",
@@ -50,7 +51,7 @@ __all__ = [
     "wiener_filter",
 ]
 
-_FIELDS = (
+CTF_PARAM_FIELDS = (
     "defocus_u_angstrom",
     "defocus_v_angstrom",
     "defocus_angle_degrees",
@@ -60,6 +61,7 @@ _FIELDS = (
     "phase_shift_degrees",
     "bfactor_angstrom2",
 )
+_FIELDS = CTF_PARAM_FIELDS
 
 
 def electron_wavelength_angstrom(voltage_kv: float | torch.Tensor) -> Any:

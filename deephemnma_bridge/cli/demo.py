@@ -19,8 +19,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``deephemnma demo``."""
@@ -32,38 +30,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--size", type=int, default=64, help="network input size, px (64 on a CPU)")
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p("--seed", type=int, default=1)
-
-
-def accuracy(path: Path, pixel: float) -> dict[str, dict[str, float]]:
-    """Errors against the simulated truth, per _dhnSource."""
-    from ..adapters import read_particles
-    from ..conventions import angle_between_rotations_degrees, euler_to_matrix
-    from .train import amplitude_columns
-
-    t = read_particles(path)
-    truth = euler_to_matrix(
-        np.stack([t.extra[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1).astype(float)
-    )
-    assert t.rotation_matrices is not None
-    angles = angle_between_rotations_degrees(t.rotation_matrices, truth)
-    origin = np.stack([t.extra["dhnTrueOriginXAngst"], t.extra["dhnTrueOriginYAngst"]], 1)
-    shift = np.linalg.norm(t.shifts_angstrom - origin.astype(float), axis=1) / pixel
-    source = np.asarray(t.extra.get("dhnSource", np.full(len(t), "all"))).astype(str)
-    out: dict[str, dict[str, float]] = {}
-    for name in sorted(set(source)):
-        sel = source == name
-        row = {
-            "n": float(sel.sum()),
-            "angle_median": float(np.median(angles[sel])),
-            "angle_p90": float(np.percentile(angles[sel], 90)),
-            "shift_px": float(np.median(shift[sel])),
-        }
-        for m in amplitude_columns(t.extra):
-            est = np.asarray(t.extra[f"dhnAmplitude{m}"], dtype=float)[sel]
-            true = np.asarray(t.extra[f"dhnTrueAmplitude{m}"], dtype=float)[sel]
-            row[f"r{m}"] = float(np.corrcoef(est, true)[0, 1])
-        out[name] = row
-    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -106,7 +72,11 @@ def main(args: argparse.Namespace) -> int:
         min_count=max(50, args.n // 6),
     )
     outputs = run_pipeline(opts, out / "pipeline", log=lambda s: print(s, flush=True))
-    scores = accuracy(outputs["predicted"] / "particles.star", 0.65)
+    from ..adapters import read_particles
+    from ..evaluation import ground_truth_errors
+
+    predicted = read_particles(outputs["predicted"] / "particles.star")
+    scores = ground_truth_errors(predicted, by_source=True)
     (out / "accuracy.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(
         "\naccuracy against the simulated ground truth (median angular error, p90, "

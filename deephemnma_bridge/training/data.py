@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from ..alignment.ctf import CTFParams
+from ..alignment.ctf import CTF_PARAM_FIELDS, CTFParams
 from ..imagesource import ImageSource
 
 __all__ = [
@@ -31,16 +31,7 @@ __all__ = [
     "split_particles",
 ]
 
-CTF_FIELDS = (
-    "defocus_u_angstrom",
-    "defocus_v_angstrom",
-    "defocus_angle_degrees",
-    "voltage_kv",
-    "spherical_aberration_mm",
-    "amplitude_contrast",
-    "phase_shift_degrees",
-    "bfactor_angstrom2",
-)
+CTF_FIELDS = CTF_PARAM_FIELDS  # the column order of the CTF arrays (B, 8)
 
 
 def split_particles(
