@@ -33,3 +33,30 @@ def shared(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data file {path} not available")
     return path
+
+
+def torchrun(argv: list[str], tmp_path: Path, nproc: int = 2) -> None:
+    """Run ``deephemnma ARGV`` in ``nproc`` CPU processes with torchrun (gloo); assert success."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(port),
+        "-m",
+        "deephemnma_bridge.cli",
+        *argv,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import starfile
 import torch
-from conftest import shared
+from conftest import shared, torchrun
 
 from deephemnma_bridge.adapters import read_particles, write_particles
 from deephemnma_bridge.alignment.ctf import CTFParams
@@ -205,23 +202,7 @@ def test_two_process_torchrun_matches_one_process(sim: Path, tmp_path: Path) -> 
         "cpu",
     ]
     assert main([*argv, "--out", str(tmp_path / "single")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(29500 + os.getpid() % 1000),
-        "-m",
-        "deephemnma_bridge.cli",
-        *argv,
-        "--out",
-        str(tmp_path / "sharded"),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun([*argv, "--out", str(tmp_path / "sharded")], tmp_path)
     a = read_particles(tmp_path / "single" / "particles.star")
     b = read_particles(tmp_path / "sharded" / "particles.star")
     np.testing.assert_array_equal(b.image_indices, a.image_indices)

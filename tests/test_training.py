@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import starfile
 import torch
+from conftest import torchrun
 from scipy.spatial.transform import Rotation
 
 from deephemnma_bridge.adapters import read_particles
@@ -209,28 +207,7 @@ def test_train_then_predict_end_to_end(aligned: Path, tmp_path: Path) -> None:
 
 def test_ddp_two_processes(aligned: Path, tmp_path: Path) -> None:
     al = str(aligned / "al" / "particles.star")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = str(29600 + os.getpid() % 1000)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        "-m",
-        "deephemnma_bridge.cli",
-        "train",
-        al,
-        "--out",
-        str(tmp_path / "ddp"),
-        *FAST_TRAIN,
-        "--epochs",
-        "1",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(["train", al, "--out", str(tmp_path / "ddp"), *FAST_TRAIN, "--epochs", "1"], tmp_path)
     _, meta = load_checkpoint(tmp_path / "ddp")
     assert meta["train"]["epochs"] == 1
     # sharded prediction equals the single-process one
@@ -248,22 +225,7 @@ def test_ddp_two_processes(aligned: Path, tmp_path: Path) -> None:
         "cpu",
     ]
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(int(port) + 1),
-        "-m",
-        "deephemnma_bridge.cli",
-        *base,
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun([*base, "--out", str(tmp_path / "two")], tmp_path)
     a = read_particles(tmp_path / "one" / "particles.star")
     b = read_particles(tmp_path / "two" / "particles.star")
     np.testing.assert_allclose(b.rotation_matrices, a.rotation_matrices, atol=1e-4)

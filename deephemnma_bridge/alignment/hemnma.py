@@ -113,25 +113,6 @@ class ReferenceModel:
     weights: torch.Tensor | None = None
 
     @classmethod
-    def create(
-        cls,
-        coordinates: NDArray[np.floating],
-        vectors: NDArray[np.floating],
-        mode_numbers: Sequence[int],
-        *,
-        centre_angstrom: NDArray[np.floating] | None = None,
-        device: torch.device | str = "cpu",
-    ) -> ReferenceModel:
-        """Centre the nodes (on ``centre_angstrom``, default their centroid)."""
-        xyz = np.asarray(coordinates, dtype=np.float64)
-        centre = xyz.mean(axis=0) if centre_angstrom is None else np.asarray(centre_angstrom)
-        return cls(
-            torch.tensor(xyz - centre, dtype=torch.float32, device=device),
-            torch.tensor(np.asarray(vectors), dtype=torch.float32, device=device),
-            [int(m) for m in mode_numbers],
-        )
-
-    @classmethod
     def from_modes(
         cls,
         coordinates: NDArray[np.floating],
