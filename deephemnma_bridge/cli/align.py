@@ -55,7 +55,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--modes", type=Path, required=True, help="modes .npz (deephemnma modes / simulate)")
     p("--use-modes", type=_ints, default=[7, 8, 9], help="mode numbers (default 7,8,9)")
     p("--out", type=Path, required=True, help="output folder")
-    p("--template", choices=["residues", "nodes", "atoms"], default="residues")
+    p(
+        "--template",
+        choices=["residues", "nodes", "atoms"],
+        default="residues",
+        help="search and first-stage template: residue blobs (default), nodes or atoms",
+    )
+    p(
+        "--final-template",
+        choices=["atoms", "same"],
+        default="atoms",
+        help="last-stage template: every atom (default, when the modes file has them) or the same",
+    )
     p("--sigma", type=float, default=2.0, help="template Gaussian width, Å (default 2)")
     p("--working-size", type=int, default=128, help="images Fourier-cropped to this (128)")
     p(
@@ -69,7 +80,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--max-shift", type=float, default=6.0, help="shift search range, working px (6)")
     p("--candidates", type=int, default=4, help="orientations kept for refinement (4)")
     p("--refine-resolution", type=_floats, default=[7.0, 4.0], help="two bands, Å (7,4)")
-    p("--iterations", type=_ints, default=[40, 80], help="Adam steps per band (40,80)")
+    p("--iterations", type=_ints, default=[40, 25], help="Adam steps per band (40,25)")
     p(
         "--amplitude-starts",
         type=_floats,
@@ -128,16 +139,27 @@ def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> An
     template = args.template
     if template != "nodes" and modes.atom_coordinates is None:
         template = "nodes"  # pseudoatoms of a map: the nodes are the density
-    reference = ReferenceModel.from_modes(
-        selected.coordinates,
-        selected.vectors,
-        args.use_modes,
-        template=template,
-        atom_coordinates=modes.atom_coordinates,
-        atom_node=modes.atom_node,
-        centre_angstrom=None if centre is None else np.asarray(centre),
-        device=device,
-    )
+
+    def build(kind: Any) -> Any:
+        return ReferenceModel.from_modes(
+            selected.coordinates,
+            selected.vectors,
+            args.use_modes,
+            template=kind,
+            atom_coordinates=modes.atom_coordinates,
+            atom_node=modes.atom_node,
+            centre_angstrom=None if centre is None else np.asarray(centre),
+            device=device,
+        )
+
+    reference = build(template)
+    final = None
+    if (
+        args.final_template == "atoms"
+        and template != "atoms"
+        and modes.atom_coordinates is not None
+    ):
+        final = build("atoms")
     map_box = modes.settings.get("map_box_angstrom")
     if map_box is not None and abs(float(map_box) - box_angstrom) > 0.02 * box_angstrom:
         raise InputError(
@@ -150,7 +172,7 @@ def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> An
             f"fit in the particles' {box_angstrom:.1f} Å box: is the modes file from another "
             "structure, or the pixel size wrong?"
         )
-    return reference, template
+    return reference, template, final
 
 
 def main(args: argparse.Namespace) -> int:
@@ -189,13 +211,14 @@ def main(args: argparse.Namespace) -> int:
     work_pixel = pixel * box / working
     device = resolve_device(args.device)
     config = _config(args)
-    reference, template = _reference(args, box * pixel, device)
+    reference, template, final_reference = _reference(args, box * pixel, device)
     images = ParticleImages(table)
     settings = {
         "particles": str(args.particles),
         "modes": str(args.modes),
         "use_modes": args.use_modes,
         "template": template,
+        "final_template": "atoms" if final_reference is not None else template,
         "working_size_px": working,
         "working_pixel_angstrom": work_pixel,
         "poses": args.poses,
@@ -240,6 +263,7 @@ def main(args: argparse.Namespace) -> int:
             pixel_size_angstrom=work_pixel,
             rotations=rot,
             shifts_angstrom=shifts,
+            final_reference=final_reference,
         )
         run.store(
             local,

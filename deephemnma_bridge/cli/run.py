@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "outliers": 3.2,
     "align_working_size": 128,
-    "align_iterations": "40,80",
+    "align_iterations": "40,25",
     "search_step": 10.0,
     "preset": "fast",
     "epochs": None,
@@ -73,7 +73,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--seed", type=int, default=None, help="training-subset and split seed (0)")
     p("--outliers", type=float, default=None, help="Mahalanobis threshold (3.2; 0: off)")
     p("--align-working-size", type=int, default=None, help="HEMNMA image size (128)")
-    p("--align-iterations", default=None, help="HEMNMA refinement steps (40,80)")
+    p("--align-iterations", default=None, help="HEMNMA refinement steps (40,25)")
     p("--search-step", type=float, default=None, help="HEMNMA SO(3) grid step (10)")
     p("--preset", choices=["paper", "fast"], default=None, help="training preset (fast)")
     p("--epochs", type=int, default=None)
