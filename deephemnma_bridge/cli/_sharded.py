@@ -37,6 +37,8 @@ class ShardedRun:
         Everything that changes results; a resume must match it.
     device : torch.device
         Chooses the process-group backend (nccl on CUDA, gloo otherwise).
+    checkpoint_every : int
+        `store` saves the state after at least this many new particles.
     """
 
     def __init__(
@@ -46,7 +48,12 @@ class ShardedRun:
         fields: dict[str, tuple[tuple[int, ...], Any]],
         settings: dict[str, Any],
         device: torch.device,
+        checkpoint_every: int = 512,
     ) -> None:
+        if checkpoint_every < 1:
+            raise InputError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
+        self.checkpoint_every = checkpoint_every
+        self._unsaved = 0
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -86,12 +93,16 @@ class ShardedRun:
         return np.flatnonzero(~self.state["done"])
 
     def store(self, local: np.ndarray, **values: np.ndarray) -> None:
-        """Record results for slice positions ``local``."""
+        """Record results for slice positions ``local``; checkpoint every ``checkpoint_every``."""
         for name, value in values.items():
             self.state[name][local] = value
         self.state["done"][local] = True
+        self._unsaved += len(local)
+        if self._unsaved >= self.checkpoint_every:
+            self.checkpoint()
 
     def checkpoint(self) -> None:
+        self._unsaved = 0
         with atomic_path(self.state_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, **self.state)  # type: ignore[arg-type]
 

@@ -191,8 +191,8 @@ def main(args: argparse.Namespace) -> int:
     from ._sharded import ShardedRun
 
     check_not_input(args.out, args.particles, args.modes)
-    if args.batch_size < 1 or args.checkpoint_every < 1:
-        raise InputError("--batch-size and --checkpoint-every must be >= 1")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     table = read_particles(args.particles)
     n = len(table)
     if n == 0:
@@ -232,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
         "cost": ((), np.float64),
         "converged": ((), np.bool_),
     }
-    run = ShardedRun(args.out, n, fields, settings, device)
+    run = ShardedRun(args.out, n, fields, settings, device, args.checkpoint_every)
     mine, todo = run.mine, run.todo
     prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
     bar = tqdm(
@@ -244,7 +244,6 @@ def main(args: argparse.Namespace) -> int:
         disable=None,
     )
     t0 = time.perf_counter()
-    since_checkpoint = 0
     for start in range(0, len(todo), args.batch_size):
         local = todo[start : start + args.batch_size]
         rows = mine[local]
@@ -274,10 +273,6 @@ def main(args: argparse.Namespace) -> int:
             converged=result.converged,
         )
         bar.update(len(rows))
-        since_checkpoint += len(rows)
-        if since_checkpoint >= args.checkpoint_every:
-            run.checkpoint()
-            since_checkpoint = 0
     bar.close()
     elapsed = time.perf_counter() - t0
     merged = run.merge()

@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
     box, pixel = int(boxes[0]), float(np.median(table.pixel_size_angstrom))
     reference = config = None
     if args.modes is not None:
-        from ..alignment.hemnma import AlignmentConfig, ReferenceModel
+        from ..alignment.hemnma import AlignmentConfig, ReferenceModel, align_batch
         from ..nma import NormalModes
 
         nm = NormalModes.load(args.modes)
@@ -136,8 +136,9 @@ def main(args: argparse.Namespace) -> int:
         "modes": str(args.modes),
         "refine": args.refine,
     }
-    run = ShardedRun(args.out, n, fields, settings, device)
-    todo = run.mine[run.todo]
+    run = ShardedRun(args.out, n, fields, settings, device, args.checkpoint_every)
+    todo_local = run.todo  # positions in this rank's slice
+    todo = run.mine[todo_local]
     data = ParticleBatches(ParticleImages(table), todo, ctf[todo])
     batches = torch.utils.data.BatchSampler(
         torch.utils.data.SequentialSampler(data), args.batch_size, drop_last=False
@@ -149,7 +150,6 @@ def main(args: argparse.Namespace) -> int:
         num_workers=loader_workers(args.workers, device),
         pin_memory=device.type == "cuda",
     )
-    local_of = {int(r): k for k, r in enumerate(run.mine)}
     bar = tqdm(
         total=len(run.mine),
         initial=len(run.mine) - len(todo),
@@ -158,18 +158,26 @@ def main(args: argparse.Namespace) -> int:
         file=sys.stderr,
         disable=None,
     )
+    preps = [PreprocessConfig.from_dict(meta["preprocess"]) for _, meta, _ in nets]
+    working = min(box, 128)
+    align_prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
     t0 = time.perf_counter()
-    done_since = 0
     amp = device.type == "cuda"
     with torch.no_grad():
         for images, _, c, pos in stream:
-            rows = todo[pos.numpy()]
+            local = todo_local[pos.numpy()]
+            rows = run.mine[local]
             images = images.to(device, non_blocking=True)
-            params = ctf_from_rows(c.numpy(), device)
+            params = ctf_from_rows(c, device)
             out: dict[str, np.ndarray] = {}
-            for model, meta, spec in nets:
-                prep = PreprocessConfig.from_dict(meta["preprocess"])
-                x = preprocess_images(images, pixel_size_angstrom=pixel, config=prep, ctf=params)
+            inputs: dict[str, torch.Tensor] = {}  # one preprocessing per distinct setting
+            for (model, _, spec), prep in zip(nets, preps, strict=True):
+                key = repr(prep)
+                if key not in inputs:
+                    inputs[key] = preprocess_images(
+                        images, pixel_size_angstrom=pixel, config=prep, ctf=params
+                    )
+                x = inputs[key]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     y = model(x[:, None]).float()
                 out.update(decode(spec, y))
@@ -181,11 +189,7 @@ def main(args: argparse.Namespace) -> int:
             amps = out.get("amplitudes", np.zeros((len(rows), 0)))
             cost = np.full(len(rows), np.nan)
             if reference is not None and config is not None:
-                from ..alignment.hemnma import align_batch
-
-                working = min(box, 128)
-                prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
-                xa = preprocess_images(images, pixel_size_angstrom=pixel, config=prep)
+                xa = preprocess_images(images, pixel_size_angstrom=pixel, config=align_prep)
                 with torch.enable_grad():
                     res = align_batch(
                         xa,
@@ -203,13 +207,8 @@ def main(args: argparse.Namespace) -> int:
                     res.shifts_angstrom,
                     res.cost,
                 )
-            local = np.array([local_of[int(r)] for r in rows])
             run.store(local, amplitudes=amps, rotations=rot, shifts=shifts, cost=cost)
             bar.update(len(rows))
-            done_since += len(rows)
-            if done_since >= args.checkpoint_every:
-                run.checkpoint()
-                done_since = 0
     bar.close()
     elapsed = time.perf_counter() - t0
     merged = run.merge()

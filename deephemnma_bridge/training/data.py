@@ -52,8 +52,8 @@ def split_particles(
     }
 
 
-def ctf_from_rows(ctf: NDArray[np.float64], device: torch.device) -> CTFParams:
-    """`CTFParams` from an array (B, 8) with the columns of `CTF_FIELDS`."""
+def ctf_from_rows(ctf: NDArray[np.float64] | torch.Tensor, device: torch.device) -> CTFParams:
+    """`CTFParams` from an array or tensor (B, 8) with the columns of `CTF_FIELDS`."""
     t = torch.as_tensor(ctf, dtype=torch.float32, device=device)
     return CTFParams(**{name: t[:, k] for k, name in enumerate(CTF_FIELDS)})
 

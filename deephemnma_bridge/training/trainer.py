@@ -33,7 +33,7 @@ from ..imagesource import ImageSource
 from ..preprocess import PreprocessConfig, preprocess_images
 from .data import ParticleBatches, augment_shift_labels, ctf_from_rows, rotate90, split_particles
 from .model import DeepHEMNMANet
-from .targets import TargetSpec, target_loss
+from .targets import TargetSpec, encode, target_loss
 
 __all__ = ["PRESETS", "TrainConfig", "load_checkpoint", "train"]
 
@@ -187,8 +187,6 @@ def train(
     spec = spec.fitted(
         None if amplitudes is None else amplitudes[tr], None if shifts is None else shifts[tr]
     )
-    from .targets import encode
-
     labels = encode(spec, amplitudes, labels_raw.get("rotations"), shifts)
     working = min(config.size_px, box_size_px)
     prep = PreprocessConfig(output_size_px=working, phase_flip=True, normalise="background")
@@ -262,7 +260,7 @@ def train(
             images,
             pixel_size_angstrom=pixel_size_angstrom,
             config=prep,
-            ctf=ctf_from_rows(c.double().cpu().numpy(), device),
+            ctf=ctf_from_rows(c, device),
         )
         return x, y.float()
 
