@@ -361,3 +361,23 @@ def test_ground_truth_errors_by_source(sim: Path) -> None:
     assert ground_truth_errors(turned)["all"]["angle_median"] == pytest.approx(10.0)
     with pytest.raises(InputError, match="no ground truth"):
         ground_truth_errors(read_particles(shared("relion/simplecryoem/relion_proj_batch.star")))
+
+
+def test_a_prebuilt_search_library_gives_the_same_result(sim: Path) -> None:
+    from deephemnma_bridge.adapters import ParticleImages
+    from deephemnma_bridge.alignment.hemnma import SearchLibrary
+
+    t = read_particles(sim / "particles.star")
+    modes = NormalModes.load(sim / "modes.npz").select([7, 8, 9])
+    ref = ReferenceModel.from_modes(modes.coordinates, modes.vectors, [7, 8, 9], template="nodes")
+    rows = np.arange(4)
+    images = torch.tensor(ParticleImages(t).read(rows))
+    ctf = CTFParams.from_table(t, rows)
+    config = AlignmentConfig(search_step_degrees=30, iterations=(5, 5), n_candidates=2)
+    fresh = align_batch(images, ctf, ref, config, pixel_size_angstrom=1.3)
+    library = SearchLibrary.build(ref, config, 64, 1.3, "cpu")
+    reused = align_batch(images, ctf, ref, config, pixel_size_angstrom=1.3, library=library)
+    np.testing.assert_array_equal(reused.rotations, fresh.rotations)
+    np.testing.assert_array_equal(reused.amplitudes, fresh.amplitudes)
+    with pytest.raises(ValueError, match="another box or pixel size"):
+        align_batch(images, ctf, ref, config, pixel_size_angstrom=1.0, library=library)

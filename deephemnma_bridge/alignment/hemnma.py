@@ -57,6 +57,7 @@ __all__ = [
     "AlignmentConfig",
     "AlignmentResult",
     "ReferenceModel",
+    "SearchLibrary",
     "align_batch",
     "mahalanobis_outliers",
     "rotation_grid",
@@ -257,60 +258,108 @@ def _ncc(
     return dot / torch.sqrt(tt * xx + 1e-30)
 
 
+@dataclass(frozen=True, eq=False)
+class SearchLibrary:
+    """What the global search needs that does not depend on the particles: the band, the
+    reference's projections on the SO(3) grid (amplitudes 0) and the shift phase ramps.
+
+    Build it once per run with `SearchLibrary.build` and pass it to every `align_batch` call
+    (rendering ~15,000 references costs ~0.5 s on 2 CPU cores)."""
+
+    band: _Band
+    rotations: torch.Tensor  # (R, 3, 3)
+    lib: torch.Tensor  # (R, 2K): weighted real and imaginary parts
+    t_pow: torch.Tensor  # (R, K): weighted |T|^2
+    origins: torch.Tensor  # (S, 2) Å
+    ramp_c: torch.Tensor  # (S, Ky, Kx)
+    ramp_s: torch.Tensor  # (S, Ky, Kx)
+
+    @classmethod
+    def build(
+        cls,
+        reference: ReferenceModel,
+        config: AlignmentConfig,
+        box: int,
+        pixel: float,
+        device: torch.device | str,
+    ) -> SearchLibrary:
+        sb = _Band(
+            box,
+            pixel,
+            config.search_resolution_angstrom,
+            config.frequency_power,
+            torch.device(device),
+        )
+        band = sb.band
+        rotations = torch.tensor(
+            rotation_grid(config.search_step_degrees), dtype=torch.float32, device=device
+        )
+        n_ref = rotations.shape[0]
+        # templates (amplitudes 0), in chunks to bound memory
+        lib_re, lib_im = [], []
+        zero_shift = torch.zeros(1, 2, device=device)
+        for start in range(0, n_ref, 512):
+            rot = rotations[start : start + 512]
+            pos = project_positions(
+                reference.coordinates[None], rot, zero_shift.expand(len(rot), 2)
+            )
+            t_re, t_im = render_fourier(
+                pos, band, sigma_angstrom=config.sigma_angstrom, weights=reference.weights
+            )
+            lib_re.append(t_re)
+            lib_im.append(t_im)
+        t_re = torch.cat(lib_re).reshape(n_ref, -1)
+        t_im = torch.cat(lib_im).reshape(n_ref, -1)
+        wf = sb.weight.reshape(-1)
+        # shift grid (Å): origins o; template with origin o = T0 * exp(+2 pi i k.o), so the
+        # score is Re sum w conj(T0) X exp(-2 pi i k.o)
+        half = math.floor(config.max_shift_px / config.shift_step_px + 1e-9)
+        steps = torch.arange(-half, half + 1, device=device, dtype=torch.float32)
+        steps = steps * config.shift_step_px * pixel
+        ox, oy = torch.meshgrid(steps, steps, indexing="xy")
+        origins = torch.stack([ox.reshape(-1), oy.reshape(-1)], dim=1)  # (S, 2)
+        phase = (
+            -2
+            * math.pi
+            * (
+                origins[:, 0, None, None] * band.kx[None, None, :]
+                + origins[:, 1, None, None] * band.ky[None, :, None]
+            )
+        )  # (S, Ky, Kx)
+        return cls(
+            band=sb,
+            rotations=rotations,
+            lib=torch.cat([t_re * wf, t_im * wf], dim=1),
+            t_pow=(t_re * t_re + t_im * t_im) * wf,
+            origins=origins,
+            ramp_c=torch.cos(phase),
+            ramp_s=torch.sin(phase),
+        )
+
+
 def _global_search(
     spectra: torch.Tensor,
     ctf_full: torch.Tensor | None,
-    reference: ReferenceModel,
+    library: SearchLibrary,
     config: AlignmentConfig,
-    box: int,
-    pixel: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best ``n_candidates`` (rotations (B, C, 3, 3), origins (B, C, 2) Å, scores (B, C))."""
     device = spectra.device
-    sb = _Band(box, pixel, config.search_resolution_angstrom, config.frequency_power, device)
-    band = sb.band
+    band = library.band.band
     b = spectra.shape[0]
     x_re, x_im = band.extract(spectra)  # (B, Ky, Kx)
-    w = sb.weight
+    wf = library.band.weight.reshape(-1)
     if ctf_full is not None:  # correlate with C * X, normalise with |C T|
         c = ctf_full[:, band.row_index, : band.n_cols]
         x_re, x_im = x_re * c, x_im * c
         c2 = (c * c).reshape(b, -1)
-    rot_np = rotation_grid(config.search_step_degrees)
-    rotations = torch.tensor(rot_np, dtype=torch.float32, device=device)
-    n_ref = rotations.shape[0]
-    # library of templates (amplitudes 0), in chunks to bound memory
-    lib_re, lib_im = [], []
-    zero_shift = torch.zeros(1, 2, device=device)
-    for start in range(0, n_ref, 512):
-        rot = rotations[start : start + 512]
-        pos = project_positions(reference.coordinates[None], rot, zero_shift.expand(len(rot), 2))
-        t_re, t_im = render_fourier(
-            pos, band, sigma_angstrom=config.sigma_angstrom, weights=reference.weights
-        )
-        lib_re.append(t_re)
-        lib_im.append(t_im)
-    t_re = torch.cat(lib_re).reshape(n_ref, -1)
-    t_im = torch.cat(lib_im).reshape(n_ref, -1)
-    wf = w.reshape(-1)
-    t_pow = (t_re * t_re + t_im * t_im) * wf  # (R, K)
-    # shift grid (Å): origins o; template with origin o = T0 * exp(+2 pi i k.o), so the score
-    # is Re sum w conj(T0) X exp(-2 pi i k.o)
-    half = math.floor(config.max_shift_px / config.shift_step_px + 1e-9)
-    steps = torch.arange(-half, half + 1, device=device, dtype=torch.float32)
-    steps = steps * config.shift_step_px * pixel
-    ox, oy = torch.meshgrid(steps, steps, indexing="xy")
-    origins = torch.stack([ox.reshape(-1), oy.reshape(-1)], dim=1)  # (S, 2)
-    phase = (
-        -2
-        * math.pi
-        * (
-            origins[:, 0, None, None] * band.kx[None, None, :]
-            + origins[:, 1, None, None] * band.ky[None, :, None]
-        )
-    )  # (S, Ky, Kx)
-    ramp_c, ramp_s = torch.cos(phase), torch.sin(phase)
-    lib = torch.cat([t_re * wf, t_im * wf], dim=1)  # (R, 2K)
+    rotations, origins, lib, t_pow = (
+        library.rotations,
+        library.origins,
+        library.lib,
+        library.t_pow,
+    )
+    ramp_c, ramp_s = library.ramp_c, library.ramp_s
     best_rot = torch.empty(b, config.n_candidates, 3, 3, device=device)
     best_org = torch.empty(b, config.n_candidates, 2, device=device)
     best_score = torch.empty(b, config.n_candidates, device=device)
@@ -421,6 +470,7 @@ def align_batch(
     shifts_angstrom: torch.Tensor | None = None,
     amplitudes: torch.Tensor | None = None,
     final_reference: ReferenceModel | None = None,
+    library: SearchLibrary | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> AlignmentResult:
     """Align a batch of preprocessed images (B, box, box) at ``pixel_size_angstrom``.
@@ -430,7 +480,8 @@ def align_batch(
     global search); ``amplitudes`` (B, M), optional, start the refinement there (e.g. a
     network's prediction) instead of ``config.amplitude_starts``. ``final_reference``, if
     given, renders the template of the last refinement stage (e.g. every atom, while the search
-    and the first stage use residue blobs).
+    and the first stage use residue blobs). ``library``: the global-search library of
+    ``reference`` at this box and pixel size (`SearchLibrary.build`); built here when None.
     """
     device = images.device
     b, box, _ = images.shape
@@ -450,9 +501,14 @@ def align_batch(
         rot_c = rotations.to(device, torch.float32)[:, None]
         org_c = shifts_angstrom.to(device, torch.float32)[:, None]
     else:
-        rot_c, org_c, _ = _global_search(
-            spectra, ctf_for_template, reference, config, box, pixel_size_angstrom
-        )
+        if library is None:
+            library = SearchLibrary.build(reference, config, box, pixel_size_angstrom, device)
+        elif (library.band.band.box_size_px, library.band.band.pixel_size_angstrom) != (
+            box,
+            pixel_size_angstrom,
+        ):
+            raise ValueError("the search library was built for another box or pixel size")
+        rot_c, org_c, _ = _global_search(spectra, ctf_for_template, library, config)
         if progress:
             progress("search")
     n_c = rot_c.shape[1]

@@ -183,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
     from ..adapters import ParticleImages, read_particles, write_particles
     from ..adapters.images import portable_image_paths
     from ..alignment.ctf import CTFParams
-    from ..alignment.hemnma import align_batch, mahalanobis_outliers
+    from ..alignment.hemnma import SearchLibrary, align_batch, mahalanobis_outliers
     from ..conventions import matrix_to_euler
     from ..device import resolve_device
     from ..fileutils import atomic_dir, check_not_input
@@ -243,6 +243,9 @@ def main(args: argparse.Namespace) -> int:
         file=sys.stderr,
         disable=None,
     )
+    library = None
+    if args.poses == "search" and len(todo):  # the reference's projections, once per run
+        library = SearchLibrary.build(reference, config, working, work_pixel, device)
     t0 = time.perf_counter()
     for start in range(0, len(todo), args.batch_size):
         local = todo[start : start + args.batch_size]
@@ -263,6 +266,7 @@ def main(args: argparse.Namespace) -> int:
             rotations=rot,
             shifts_angstrom=shifts,
             final_reference=final_reference,
+            library=library,
         )
         run.store(
             local,
