@@ -266,3 +266,16 @@ def test_mass_weighted_modes() -> None:
     )
     np.testing.assert_allclose(same.eigenvalues[6:], plain.eigenvalues[6:] / 4.0, rtol=1e-8)
     assert np.all(_overlaps(plain, same, slice(6, 20)) > 0.9999)
+
+
+def test_atoms_move_with_their_nodes() -> None:
+    from deephemnma_bridge.nma import deform_atoms
+
+    nodes = np.array([[0.0, 0, 0], [5.0, 0, 0]])
+    modes = np.zeros((1, 2, 3))
+    modes[0, 1, 1] = 1.0  # mode moves node 1 along y
+    atoms = np.array([[0.5, 0, 0], [5.5, 0, 0], [9.0, 9, 9]])
+    moved = deform_atoms(atoms, np.array([0, 1, -1]), nodes, modes, np.array([[2.0], [-1.0]]))
+    assert moved.shape == (2, 3, 3)
+    np.testing.assert_allclose(moved[0], [[0.5, 0, 0], [5.5, 2, 0], [9, 9, 9]])
+    np.testing.assert_allclose(moved[1, 1], [5.5, -1, 0])

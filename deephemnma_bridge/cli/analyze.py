@@ -270,7 +270,7 @@ def main(args: argparse.Namespace) -> int:
             write_particles(result.mask(selection), tmp / "selection.cs")
             report += ["", f"Selection: {int(selection.sum())} particles -> selection.star"]
         if args.modes is not None:
-            from ..nma import NormalModes, deform
+            from ..nma import NormalModes, deform_atoms
 
             nm = NormalModes.load(args.modes)
             sel_modes = nm.select(modes)
@@ -279,14 +279,11 @@ def main(args: argparse.Namespace) -> int:
             nodes = sel_modes.coordinates
 
             def frames_at(amplitude_rows: np.ndarray) -> list[np.ndarray]:
-                moved = deform(nodes, sel_modes.vectors, amplitude_rows)
-                out = []
-                for f in moved:
-                    xyz = np.array(model.coordinates_angstrom, dtype=np.float64)
-                    has = owner >= 0
-                    xyz[has] += (f - nodes)[owner[has]]
-                    out.append(xyz)
-                return out
+                return list(
+                    deform_atoms(
+                        model.coordinates_angstrom, owner, nodes, sel_modes.vectors, amplitude_rows
+                    )
+                )
 
             cxc = ["# open in ChimeraX: open view.cxc"]
             for g in group_ids:

@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
     from ..coarse_grain import coarse_grain
     from ..data import default_model_path
     from ..fileutils import check_not_input
-    from ..nma import compute_normal_modes, deform
+    from ..nma import compute_normal_modes, deform_atoms
     from ..nma.modes import DEFAULT_CUTOFF_ANGSTROM
 
     path = args.model if args.model is not None else default_model_path()
@@ -209,16 +209,16 @@ def main(args: argparse.Namespace) -> int:
         suffix = ".cif" if len(model) > 99_999 else ".pdb"
         q = args.amplitude * np.sqrt(len(cg))  # RMS displacement |q| / sqrt(N)
         steps = np.linspace(-q, q, args.frames)
-        moves = owner >= 0
         for k, m in enumerate(modes.mode_numbers):
             if m <= 6:
                 continue
-            node_frames = deform(cg.coordinates_angstrom, modes.vectors[k : k + 1], steps[:, None])
-            frames = []
-            for f in node_frames:
-                xyz = np.array(model.coordinates_angstrom, dtype=np.float64)
-                xyz[moves] += (f - cg.coordinates_angstrom)[owner[moves]]
-                frames.append(xyz)
-            write_models(args.animate / f"mode_{m:03d}{suffix}", model, frames)
+            frames = deform_atoms(
+                model.coordinates_angstrom,
+                owner,
+                cg.coordinates_angstrom,
+                modes.vectors[k : k + 1],
+                steps[:, None],
+            )
+            write_models(args.animate / f"mode_{m:03d}{suffix}", model, list(frames))
         print(f"animations of modes 7-{modes.mode_numbers[-1]} written to {args.animate}")
     return 0

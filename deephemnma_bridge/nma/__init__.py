@@ -3,7 +3,14 @@
 See `modes` for the conventions (1-based numbering, modes 1-6 rigid, unit-norm vectors).
 """
 
-from .deform import deform
+from .deform import deform, deform_atoms
 from .modes import NormalModes, collectivity, compute_normal_modes, rigid_body_basis
 
-__all__ = ["NormalModes", "collectivity", "compute_normal_modes", "deform", "rigid_body_basis"]
+__all__ = [
+    "NormalModes",
+    "collectivity",
+    "compute_normal_modes",
+    "deform",
+    "deform_atoms",
+    "rigid_body_basis",
+]

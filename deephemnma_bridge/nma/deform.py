@@ -21,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported by callers that use tensors, not here (fast CLI start)
     import torch
 
-__all__ = ["deform"]
+__all__ = ["deform", "deform_atoms"]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
@@ -55,3 +55,22 @@ def deform(coordinates: ArrayT, modes: ArrayT, amplitudes: ArrayT) -> ArrayT:
         return coordinates + 0 * amplitudes.sum(-1)[..., None, None]
     disp = (amplitudes.reshape(-1, m) @ modes.reshape(m, 3 * n)).reshape(*batch, n, 3)
     return coordinates + disp
+
+
+def deform_atoms(
+    atom_coordinates: np.ndarray,
+    atom_node: np.ndarray,
+    node_coordinates: np.ndarray,
+    modes: np.ndarray,
+    amplitudes: np.ndarray,
+) -> np.ndarray:
+    """Atoms (A, 3) moved with their nodes (``atom_node``; -1: the atom stays) for each row of
+    ``amplitudes`` (B, M): returns (B, A, 3). The displacement of a node is that of `deform`."""
+    atoms = np.asarray(atom_coordinates, dtype=np.float64)
+    owner = np.asarray(atom_node, dtype=np.int64)
+    nodes = np.asarray(node_coordinates, dtype=np.float64)
+    moved = deform(nodes, np.asarray(modes, dtype=np.float64), np.atleast_2d(amplitudes))
+    out = np.repeat(atoms[None], len(moved), axis=0)
+    has = owner >= 0
+    out[:, has] += (moved - nodes)[:, owner[has]]
+    return out
