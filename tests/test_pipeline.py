@@ -189,6 +189,12 @@ def test_run_pipeline_skips_finished_stages_and_reads_config(
     capsys.readouterr()
     assert main(["run", "--config", str(config), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("up to date, skipped") == 4
+    # another training subset: every stage after it runs again, none is skipped
+    assert main(["run", "--config", str(config), "--out", str(out), "--n-train", "30"]) == 0
+    assert "up to date" not in capsys.readouterr().out
+    again = read_particles(out / "analysis" / "particles.star")
+    assert (np.asarray(again.extra["dhnSource"]).astype(str) == "hemnma").sum() >= 26
+    assert len(read_particles(out / "subset" / "train.star")) == 30
     bad = tmp_path / "bad.toml"
     bad.write_text('particles = "x.star"\nepochz = 3\n')
     assert main(["run", "--config", str(bad), "--out", str(tmp_path / "b")]) == 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -119,14 +120,31 @@ def options_from(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def _stage(out: Path, name: str, argv: list[str], log: Callable[[str], None], done: Path) -> None:
-    """Run ``deephemnma argv`` unless it already finished with the same argv."""
+def _stage(
+    out: Path,
+    name: str,
+    argv: list[str],
+    log: Callable[[str], None],
+    done: Path,
+    inputs: list[Path],
+) -> None:
+    """Run ``deephemnma argv`` into the folder of ``done`` unless it already finished with the
+    same argv after its ``inputs`` last changed.
+
+    A finished stage whose options or inputs changed starts afresh (its folder is removed); an
+    interrupted one (no record yet) keeps its folder, so the command resumes.
+    """
     from . import main as cli_main
 
     record = out / "stages" / f"{name}.json"
-    if record.is_file() and json.loads(record.read_text()) == argv and done.exists():
-        log(f"[{name}] up to date, skipped")
-        return
+    finished = record.is_file() and done.exists()
+    if finished:
+        newest_input = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
+        if json.loads(record.read_text()) == argv and newest_input <= done.stat().st_mtime:
+            log(f"[{name}] up to date, skipped")
+            return
+        record.unlink()
+        shutil.rmtree(done.parent)
     log(f"[{name}] deephemnma {' '.join(argv)}")
     code = cli_main(argv)
     if code == 130:
@@ -164,6 +182,7 @@ def run_pipeline(
             ["modes", str(opts["model"]), "--out", str(modes), "--n-modes", str(opts["n_modes"])],
             log,
             modes,
+            [Path(opts["model"])],
         )
     # 2. training subset
     n_train = opts["n_train"] or int(np.clip(n // 3, min(200, n), 20_000))
@@ -172,9 +191,17 @@ def run_pipeline(
     subset = out / "subset" / ("train.cs" if particles.suffix.lower() == ".cs" else "train.star")
     rng = np.random.default_rng(int(opts["seed"]))
     chosen = np.sort(rng.choice(n, size=n_train, replace=False))
-    if not subset.exists():
+    subset_record = out / "stages" / "subset.json"
+    subset_key = {"particles": str(particles), "n_train": n_train, "seed": int(opts["seed"])}
+    if not (
+        subset.exists()
+        and subset_record.is_file()
+        and json.loads(subset_record.read_text()) == subset_key
+    ):
         subset.parent.mkdir(parents=True, exist_ok=True)
         write_particles(portable_image_paths(table.take(chosen)), subset)
+        subset_record.parent.mkdir(parents=True, exist_ok=True)
+        subset_record.write_text(json.dumps(subset_key))
     # 3. HEMNMA on it, with outliers flagged
     hemnma = out / "hemnma"
     align = [
@@ -196,7 +223,7 @@ def run_pipeline(
     ]
     if opts["outliers"]:
         align += ["--outliers", str(opts["outliers"])]
-    _stage(out, "hemnma", align, log, hemnma / "particles.star")
+    _stage(out, "hemnma", align, log, hemnma / "particles.star", [subset, modes])
     training_set = hemnma / ("inliers.star" if opts["outliers"] else "particles.star")
     # 4. the network
     network = out / "network"
@@ -219,7 +246,7 @@ def run_pipeline(
         train += ["--epochs", str(opts["epochs"])]
     if opts["batch_size"]:
         train += ["--batch-size", str(opts["batch_size"])]
-    _stage(out, "network", train, log, network / "best.pt")
+    _stage(out, "network", train, log, network / "best.pt", [training_set])
     # 5. prediction on every particle (HEMNMA values kept for the training subset)
     predicted = out / "predicted"
     predict = [
@@ -241,7 +268,14 @@ def run_pipeline(
         str(opts["relion_version"]),
         *common,
     ]
-    _stage(out, "predicted", predict, log, predicted / "particles.star")
+    _stage(
+        out,
+        "predicted",
+        predict,
+        log,
+        predicted / "particles.star",
+        [particles, network / "best.pt", training_set, modes],
+    )
     # 6. the conformational space
     analysis = out / "analysis"
     analyze = [
@@ -262,7 +296,14 @@ def run_pipeline(
     ]
     if opts["min_count"]:
         analyze += ["--min-count", str(opts["min_count"])]
-    _stage(out, "analysis", analyze, log, analysis / "particles.star")
+    _stage(
+        out,
+        "analysis",
+        analyze,
+        log,
+        analysis / "particles.star",
+        [predicted / "particles.star", modes],
+    )
     return {
         "modes": modes,
         "hemnma": hemnma,
