@@ -28,7 +28,7 @@ from deephemnma_bridge.analysis import (
 from deephemnma_bridge.cli import main
 from deephemnma_bridge.errors import InputError
 
-PIPELINE_31 = shared("relion/starfile/default_pipeline.star")
+PIPELINE_31 = "relion/starfile/default_pipeline.star"  # via shared(): skipped without the data
 FAST = {
     "n_train": 24,
     "epochs": 1,
@@ -229,7 +229,7 @@ def test_relion_external_job_three_versions(project: Path) -> None:
         "--pipeline_control",
         job,
     ]
-    text31 = PIPELINE_31.read_text()
+    text31 = shared(PIPELINE_31).read_text()
     text40 = text31.replace("_rlnPipeLineNodeType #1", "_rlnPipeLineNodeTypeLabel #1")
     text50 = text40.replace("# version 30001", "# version 50001")
     expected = {
