@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import starfile
+from conftest import shared
 
 from deephemnma_bridge.adapters import relion_job as rj
 from deephemnma_bridge.errors import InputError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-PIPELINE_31 = SHARED / "relion" / "starfile" / "default_pipeline.star"
+PIPELINE_31 = "relion/starfile/default_pipeline.star"  # via shared(): skipped without the data
 
 
 @pytest.mark.parametrize(
@@ -54,12 +54,12 @@ def test_output_nodes_rejects_unknown_kind_and_spaces(tmp_path: Path) -> None:
 
 
 def test_detect_version_from_real_31_pipeline(tmp_path: Path) -> None:
-    shutil.copy(PIPELINE_31, tmp_path / "default_pipeline.star")
+    shutil.copy(shared(PIPELINE_31), tmp_path / "default_pipeline.star")
     assert rj.detect_relion_version(tmp_path) == "3.1"
 
 
 def test_detect_version_40_and_50(tmp_path: Path) -> None:
-    text = PIPELINE_31.read_text()
+    text = shared(PIPELINE_31).read_text()
     v40 = text.replace("_rlnPipeLineNodeType #1", "_rlnPipeLineNodeTypeLabel #1")
     (tmp_path / "default_pipeline.star").write_text(v40)
     assert rj.detect_relion_version(tmp_path) == "4.0"
