@@ -5,19 +5,24 @@
 2. HEMNMA (``deephemnma align``) on the training particles and, for comparison, on the
    held-out ones.
 3. Trains the network on the training particles' HEMNMA results (``--preset``, ``--size``,
-   ``--epochs``), predicts the held-out particles, and reports errors against the ground
-   truth for the network and for HEMNMA on the same particles (angular error median / p90,
-   shift, amplitude r and MAE/range), and their ratio.
+   ``--epochs``, ``--lr-step``, ``--augment``), predicts the held-out particles, and reports
+   errors against the ground truth for the network and for HEMNMA on the same particles
+   (angular error median / p90, shift, amplitude r and MAE/range), and their ratio; with
+   ``--refine N`` also for the network's predictions refined by N HEMNMA iterations
+   (``predict --refine``).
 4. Inference throughput: end to end (``deephemnma predict``: stack -> STAR, in-process timing
    printed by the command) and the bare network forward pass on preprocessed tensors of the
    same size and batch, measured in the same run.
 
     python benchmarks/bench_network.py [--n-train 2000] [--n-test 500] [--epochs 15]
+        [--augment] [--refine 40] [--work DIR]   (a DIR of an earlier run reuses its
+        simulation and HEMNMA results)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -32,6 +37,7 @@ import torch
 from deephemnma_bridge.adapters import read_particles
 from deephemnma_bridge.evaluation import ground_truth_errors
 from deephemnma_bridge.training.model import DeepHEMNMANet
+from deephemnma_bridge.training.trainer import load_checkpoint
 
 CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
 
@@ -63,8 +69,12 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--preset", default="fast")
-    parser.add_argument("--size", type=int, default=64, help="network input size, px")
+    parser.add_argument("--size", type=int, default=None, help="network input px (preset's)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr-step", type=int, default=None, help="lr / 10 every N epochs")
+    parser.add_argument("--augment", action="store_true", help="in-plane rotation augmentation")
+    parser.add_argument("--refine", type=int, default=0, help="also predict + N HEMNMA steps")
+    parser.add_argument("--retrain", action="store_true", help="train afresh in an old --work")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_network_"))
@@ -94,24 +104,17 @@ def main() -> None:
                 ]
             )
     net = work / "net"
-    cli(
-        [
-            "train",
-            str(work / "hemnma_train" / "particles.star"),
-            "--out",
-            str(net),
-            "--preset",
-            args.preset,
-            "--size",
-            str(args.size),
-            "--epochs",
-            str(args.epochs),
-            "--batch-size",
-            str(args.batch_size),
-            "--test-fraction",
-            "0",
-        ]
-    )
+    if args.retrain and net.exists():
+        import shutil
+
+        shutil.rmtree(net)
+    train = ["train", str(work / "hemnma_train" / "particles.star"), "--out", str(net)]
+    train += ["--preset", args.preset, "--epochs", str(args.epochs)]
+    train += ["--batch-size", str(args.batch_size), "--test-fraction", "0"]
+    train += ["--size", str(args.size)] if args.size else []
+    train += ["--lr-step", str(args.lr_step)] if args.lr_step else []
+    train += ["--augment"] if args.augment else []
+    cli(train)
     pred = work / "predicted"
     if pred.exists():
         import shutil
@@ -132,22 +135,49 @@ def main() -> None:
         ]
     )
     rate = float(re.search(r"\(([\d.]+)/s", out).group(1))  # type: ignore[union-attr]
+    results = {"network": errors(pred / "particles.star")}
+    if args.refine:
+        refined = work / f"refined{args.refine}"
+        if refined.exists():
+            import shutil
+
+            shutil.rmtree(refined)
+        cli(
+            [
+                "predict",
+                str(sim / "test.star"),
+                "--checkpoint",
+                str(net),
+                "--modes",
+                modes,
+                "--refine",
+                str(args.refine),
+                "--out",
+                str(refined),
+            ]
+        )
+        results[f"+refine{args.refine}"] = errors(refined / "particles.star")
     hem = errors(work / "hemnma_test" / "particles.star")
-    netw = errors(pred / "particles.star")
+    meta = json.loads((net / "train.json").read_text())
     print(
         f"held-out {args.n_test} particles, network trained on {args.n_train} HEMNMA results "
-        f"({args.preset} preset, {args.size} px, {args.epochs} epochs at most):"
+        f"({args.preset} preset, {args.epochs} epochs at most, {meta['epochs_run']} run, "
+        f"{meta['seconds']:.0f} s):"
     )
     show("HEMNMA", hem)
-    show("network", netw)
-    print(
-        f"ratio network / HEMNMA: angle {netw['angle_median'] / hem['angle_median']:.2f}x, "
-        f"shift {netw['shift_px'] / hem['shift_px']:.2f}x, amplitude MAE "
-        f"{np.mean([netw[f'mae{m}'] / hem[f'mae{m}'] for m in (7, 8, 9)]):.2f}x"
-    )
+    for name, e in results.items():
+        show(name, e)
+        print(
+            f"  ratio {name} / HEMNMA: angle {e['angle_median'] / hem['angle_median']:.2f}x, "
+            f"shift {e['shift_px'] / hem['shift_px']:.2f}x, amplitude MAE "
+            f"{np.mean([e[f'mae{m}'] / hem[f'mae{m}'] for m in (7, 8, 9)]):.2f}x "
+            "(target <= 1.25x)"
+        )
     # bare forward throughput, same size and batch, same process layout (eval, no grad)
+    _, ckpt = load_checkpoint(net)
+    size = int(ckpt["preprocess"]["output_size_px"])
     model = DeepHEMNMANet(9).eval()
-    x = torch.randn(args.batch_size, 1, args.size, args.size)
+    x = torch.randn(args.batch_size, 1, size, size)
     with torch.no_grad():
         model(x)
         t0 = time.perf_counter()
@@ -158,7 +188,7 @@ def main() -> None:
     bare = reps * args.batch_size / (time.perf_counter() - t0)
     print(
         f"inference: end to end {rate:.0f} particles/s (stack -> STAR, predict loop), bare "
-        f"forward {bare:.0f} images/s at {args.size} px, batch {args.batch_size}: "
+        f"forward {bare:.0f} images/s at {size} px, batch {args.batch_size}: "
         f"{100 * rate / bare:.0f} %"
     )
 

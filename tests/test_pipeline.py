@@ -444,5 +444,5 @@ def test_examples_parse() -> None:
     root = Path(__file__).resolve().parents[1] / "examples"
     args = argparse.Namespace(config=root / "pipeline.toml")
     opts = options_from(args)  # unknown keys would raise
-    assert opts["n_train"] == 20000 and set(opts) == set(DEFAULTS)
+    assert opts["n_train"] == 20000 and opts["augment"] is True and set(opts) == set(DEFAULTS)
     py_compile.compile(str(root / "cryosparc_tools_example.py"), doraise=True)

@@ -82,3 +82,18 @@ def test_markers_and_abort(tmp_path: Path) -> None:
     assert rj.abort_requested(tmp_path)
     rj.acknowledge_abort(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["RELION_JOB_EXIT_ABORTED"]
+
+
+def test_parameters_are_typed_with_clear_errors() -> None:
+    from deephemnma_bridge.cli.relion_external import typed_options
+    from deephemnma_bridge.errors import InputError
+
+    opts = typed_options({"epochs": "30", "outliers": "3.2", "augment": "True", "size": None})
+    assert opts == {"epochs": 30, "outliers": 3.2, "augment": True, "size": None}
+    assert typed_options({"augment": "no"})["augment"] is False
+    with pytest.raises(InputError, match="parameter augment"):
+        typed_options({"augment": "maybe"})
+    with pytest.raises(InputError, match="parameter epochs"):
+        typed_options({"epochs": "many"})
+    with pytest.raises(InputError, match="parameter outliers"):
+        typed_options({"outliers": "high"})

@@ -17,10 +17,16 @@ from deephemnma_bridge.alignment.render import render_projections
 from deephemnma_bridge.cli import main
 from deephemnma_bridge.conventions import euler_to_matrix, matrix_to_quaternion
 from deephemnma_bridge.errors import InputError
-from deephemnma_bridge.training.data import augment_shift_labels, rotate90, split_particles
+from deephemnma_bridge.preprocess import circular_mask
+from deephemnma_bridge.training.data import rotate_inplane, split_particles
 from deephemnma_bridge.training.model import DeepHEMNMANet
 from deephemnma_bridge.training.targets import TargetSpec, decode, encode, target_loss
-from deephemnma_bridge.training.trainer import load_checkpoint
+from deephemnma_bridge.training.trainer import (
+    TrainConfig,
+    config_from_preset,
+    load_checkpoint,
+    working_size,
+)
 
 FAST_ALIGN = [
     "--working-size",
@@ -89,33 +95,55 @@ def test_splits_are_disjoint_seeded_and_per_particle() -> None:
     assert not np.array_equal(a["val"], split_particles(100, 0.1, 0.2, seed=4)["val"])
 
 
-def test_rotation_augmentation_transforms_labels_exactly() -> None:
+@pytest.mark.parametrize("box", [48, 49])
+def test_rotation_augmentation_transforms_labels_exactly(box: int) -> None:
+    """The rotated image is the projection at the rotated labels: exactly for multiples of
+    90° (even and odd boxes), to interpolation accuracy for any other angle."""
     rng = np.random.default_rng(0)
-    xyz = torch.tensor(rng.normal(size=(30, 3)) * 6)
+    xyz = torch.tensor(rng.normal(size=(30, 3)) * 5)
     a = euler_to_matrix([[30.0, 50.0, 70.0]])
     o = np.array([[3.0, -5.0]])
     none = (torch.zeros(0, 30, 3, dtype=torch.float64), torch.zeros(1, 0, dtype=torch.float64))
-    kw = {"box_size_px": 48, "pixel_size_angstrom": 1.0, "sigma_angstrom": 1.5}
+    kw = {"box_size_px": box, "pixel_size_angstrom": 1.0, "sigma_angstrom": 2.0}
     image = render_projections(xyz, *none, torch.tensor(a), torch.tensor(o), **kw)
     spec = TargetSpec.create("all", n_modes=1).fitted(np.zeros((2, 1)), np.array([[0, 0], [2, 4]]))
     labels = torch.tensor(encode(spec, np.zeros((1, 1)), a, o), dtype=torch.float64)
-    for k in (1, 2, 3):
-        turned, lab = rotate90(image, labels, torch.tensor([k]), spec.slices)
-        lab = augment_shift_labels(
-            lab, torch.tensor([k]), spec.slices, spec.shift_mean, spec.shift_std
+    inner = circular_mask(box, radius_px=0.85 * box / 2, dtype=torch.float64) > 0
+    for degrees, tolerance in ((90, 1e-6), (180, 1e-6), (270, 1e-6), (37, 0.02), (-123, 0.02)):
+        angle = torch.tensor([np.radians(degrees)], dtype=torch.float64)
+        turned, lab = rotate_inplane(
+            image, labels, angle, spec.slices, spec.shift_mean, spec.shift_std
         )
         out = decode(spec, lab)
         expected = render_projections(
             xyz, *none, torch.tensor(out["rotations"]), torch.tensor(out["shifts"]), **kw
         )
-        # equal except the one wrapped edge row/column
-        err = (turned - expected)[:, 1:, 1:].abs().max() / expected.abs().max()
-        assert float(err) < 1e-6, k
-        angle = np.radians(90 * k)
-        rz = Rotation.from_euler("z", angle).as_matrix()
+        err = (turned - expected)[:, inner].abs().max() / expected.abs().max()
+        assert float(err) < tolerance, (box, degrees, float(err))
+        rz = Rotation.from_euler("z", np.radians(degrees)).as_matrix()
         np.testing.assert_allclose(
             matrix_to_quaternion(out["rotations"]), matrix_to_quaternion(rz @ a), atol=1e-6
         )
+        np.testing.assert_allclose(out["shifts"][0], rz[:2, :2] @ o[0], atol=1e-6)
+        np.testing.assert_allclose(out["amplitudes"], 0, atol=1e-6)
+
+
+def test_augmentation_needs_the_mask() -> None:
+    with pytest.raises(InputError, match="mask"):
+        TrainConfig(augment=True, soft_mask=False)
+    assert config_from_preset("fast", augment=True).soft_mask
+
+
+def test_working_size_follows_the_lowpass() -> None:
+    auto = TrainConfig(size_px=0, lowpass_angstrom=8.0)
+    assert working_size(auto, 128, 0.65) == 32  # 83 Å box: 2.6 Å pixels <= 8 / 2.5
+    assert working_size(auto, 360, 1.3) == 148
+    assert working_size(TrainConfig(size_px=0, lowpass_angstrom=2.0), 64, 1.0) == 64
+    assert working_size(TrainConfig(size_px=96), 64, 1.0) == 64
+    with pytest.raises(InputError, match="--lowpass"):
+        TrainConfig(size_px=0)
+    with pytest.raises(InputError, match="--dropout"):
+        TrainConfig(dropout=1.0)
 
 
 def test_train_then_predict_end_to_end(aligned: Path, tmp_path: Path) -> None:

@@ -27,7 +27,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--n", type=int, default=1500, help="particles simulated (1500)")
     p("--n-train", type=int, default=600, help="of which aligned by HEMNMA for training (600)")
     p("--epochs", type=int, default=25, help="network epochs at most (25)")
-    p("--size", type=int, default=64, help="network input size, px (64 on a CPU)")
+    p(
+        "--size",
+        type=int,
+        default=None,
+        help="network input size, px (the fast preset's: 32 px for the 8 Å low-pass)",
+    )
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p("--seed", type=int, default=1)
 

@@ -61,6 +61,48 @@ def _watch_abort(job_dir: Path, stop: threading.Event, aborted: threading.Event)
             return
 
 
+_INTEGERS = (
+    "n_modes",
+    "n_train",
+    "seed",
+    "align_working_size",
+    "epochs",
+    "size",
+    "batch_size",
+    "min_count",
+    "n_groups",
+    "refine",
+    "workers",
+)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def typed_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """RELION passes every parameter as text: integers, floats and flags typed, with a clear
+    error naming the parameter."""
+    out = dict(opts)
+    for key in _INTEGERS:
+        if isinstance(out.get(key), str):
+            try:
+                out[key] = int(out[key])
+            except ValueError:
+                msg = f"parameter {key}: expected an integer, got {out[key]!r}"
+                raise InputError(msg) from None
+    for key in ("outliers", "search_step"):
+        if isinstance(out.get(key), str):
+            try:
+                out[key] = float(out[key])
+            except ValueError:
+                msg = f"parameter {key}: expected a number, got {out[key]!r}"
+                raise InputError(msg) from None
+    if isinstance(out.get("augment"), str):
+        flag = out["augment"].strip().lower()
+        if flag not in _TRUE + _FALSE:
+            raise InputError(f"parameter augment: expected true or false, got {out['augment']!r}")
+        out["augment"] = flag in _TRUE
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run as RELION does; return the exit code (RELION reads the marker files)."""
     import torch
@@ -108,29 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "no reference: add a parameter 'model' (a PDB/mmCIF file) or 'modes' (a "
                     ".npz), or give an Input 3D reference map"
                 )
-        for key in (
-            "n_modes",
-            "n_train",
-            "seed",
-            "align_working_size",
-            "epochs",
-            "size",
-            "batch_size",
-            "min_count",
-            "n_groups",
-            "refine",
-            "workers",
-        ):
-            if isinstance(opts.get(key), str):
-                try:
-                    opts[key] = int(opts[key])
-                except ValueError:
-                    raise InputError(
-                        f"parameter {key}: expected an integer, got {opts[key]!r}"
-                    ) from None
-        for key in ("outliers", "search_step"):
-            if isinstance(opts.get(key), str):
-                opts[key] = float(opts[key])
+        opts = typed_options(opts)
         if args.get("j") not in (None, True):
             torch.set_num_threads(max(1, int(args["j"])))
         version = args.get("relion_version") or detect_relion_version(".")

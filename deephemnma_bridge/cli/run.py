@@ -43,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "search_step": 10.0,
     "preset": "fast",
     "epochs": None,
-    "size": 128,
+    "size": None,
+    "augment": False,
     "batch_size": None,
     "groups": "bins",
     "min_count": None,
@@ -78,7 +79,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--search-step", type=float, default=None, help="HEMNMA SO(3) grid step (10)")
     p("--preset", choices=["paper", "fast"], default=None, help="training preset (fast)")
     p("--epochs", type=int, default=None)
-    p("--size", type=int, default=None, help="network input size, px (128)")
+    p("--size", type=int, default=None, help="network input size, px (the preset's)")
+    p(
+        "--augment",
+        action="store_true",
+        default=None,
+        help="train with random in-plane rotations (labels rotated exactly)",
+    )
     p("--batch-size", type=int, default=None)
     p("--groups", choices=["bins", "kmeans", "gmm", "none"], default=None)
     p("--min-count", type=int, default=None)
@@ -234,14 +241,16 @@ def run_pipeline(
         str(network),
         "--preset",
         str(opts["preset"]),
-        "--size",
-        str(opts["size"]),
         "--seed",
         str(opts["seed"]),
         "--workers",
         str(opts["workers"]),
         *common,
     ]
+    if opts["size"]:
+        train += ["--size", str(opts["size"])]
+    if opts["augment"]:
+        train += ["--augment"]
     if opts["epochs"]:
         train += ["--epochs", str(opts["epochs"])]
     if opts["batch_size"]:

@@ -6,12 +6,14 @@ ALIGNED is a STAR or .cs file with poses and _dhnAmplitude<mode> columns (the ou
 training.png (loss curves), splits.npz (the train/validation/test particles) and train.json.
 
 Defaults are the paper's (400 epochs, batch 2, L1, Adam with weight decay 1e-5, learning rate
-/10 every 80 epochs); --preset fast uses batches of 32, lr 1e-3 decayed every 30 epochs,
-early stopping after 15 epochs without validation improvement and bfloat16 on GPU.
+/10 every 80 epochs, dropout 0.5, 128 px input); --preset fast uses batches of 32, lr 3e-4
+decayed every 30 epochs, no dropout, the input low-passed at 8 Å and sampled at 1/2.5 of
+that, a soft circular mask, early stopping after 15 epochs without validation improvement
+and bfloat16 on GPU. --augment adds random in-plane rotations with exactly rotated labels.
 Multi-GPU / multi-node: torchrun --nproc_per_node N -m deephemnma_bridge.cli train ...
 
 Examples:
-  deephemnma train aligned/particles.star --out net --preset fast
+  deephemnma train aligned/particles.star --out net --preset fast --augment
   deephemnma train aligned/particles.star --target orientation --epochs 200 --out net_rot
 """
 
@@ -40,7 +42,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--epochs", type=int, default=None)
     p("--batch-size", type=int, default=None)
     p("--lr", type=float, default=None, help="learning rate (paper preset: 1e-4)")
-    p("--size", type=int, default=None, help="images Fourier-cropped to this size (128)")
+    p(
+        "--size",
+        type=int,
+        default=None,
+        help="images Fourier-cropped to this size (paper: 128; fast: 0 = from --lowpass)",
+    )
+    p("--lowpass", type=float, default=None, help="input low-pass, Å (fast preset: 8)")
+    p("--dropout", type=float, default=None, help="dropout in the MLP head (paper 0.5, fast 0)")
+    p("--lr-step", type=int, default=None, help="divide the lr by 10 every N epochs (paper 80)")
     p("--val-fraction", type=float, default=None, help="validation particles (0.1)")
     p("--test-fraction", type=float, default=None, help="held-out test particles (0.1)")
     p("--early-stopping", type=int, default=None, help="patience in epochs (0: off)")
@@ -49,7 +59,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="per-part loss weights for --target all, e.g. amplitudes=1,orientation=2,shifts=1",
     )
-    p("--augment", action="store_true", help="exact 90° in-plane rotations, labels rotated")
+    p(
+        "--augment",
+        action="store_true",
+        help="random in-plane rotations (any angle) with the labels rotated exactly",
+    )
+    p("--mask", action="store_true", default=None, help="soft circular mask (fast preset: on)")
     p(
         "--workers",
         type=int,
@@ -92,6 +107,10 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         size_px=args.size,
+        lowpass_angstrom=args.lowpass,
+        dropout=args.dropout,
+        lr_step_epochs=args.lr_step,
+        soft_mask=args.mask,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         early_stopping=args.early_stopping,

@@ -5,10 +5,12 @@ runs) by DataLoader workers; preprocessing (phase flip, Fourier crop, normalisat
 shared `preprocess_images`) runs on the training device, identically in training and
 inference, with the settings stored in the checkpoint.
 
-Augmentation (off by default) is exact and transforms the labels with the image: an in-plane
-rotation by k x 90° about the box centre maps pixel (x, y) to (-y, x) (x = column), which
-is the projection of the model rotated by ``Rz(k 90°)`` after ``A`` and translated by the
-rotated origin: ``A' = Rz A``, ``o' = R2 o``; amplitudes are unchanged.
+Augmentation (off by default) is exact and transforms the labels with the image: rotating
+the image by an angle phi about the box centre (pixel (N//2, N//2); phi = 90° maps pixel
+(x, y) to (-y, x), x = column) gives the projection of the model rotated by ``Rz(phi)`` after
+``A`` and translated by the rotated origin: ``A' = Rz A``, ``o' = R2 o``; amplitudes are
+unchanged. Angles are drawn uniformly in [0, 360°), so the training set covers every in-plane
+angle of every view it holds.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from ..imagesource import ImageSource
 __all__ = [
     "CTF_FIELDS",
     "ParticleBatches",
-    "augment_shift_labels",
     "ctf_from_rows",
-    "rotate90",
+    "rotate_inplane",
     "split_particles",
 ]
 
@@ -94,55 +95,47 @@ class ParticleBatches(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
         )
 
 
-def rotate90(
-    images: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, slices: dict[str, slice]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate each image (B, N, N) by ``k`` (B,) x 90° about pixel (N//2, N//2), with its
-    labels (quaternion and standardised-shift parts; see the module docstring)."""
-    n = images.shape[-1]
-    idx = (n - torch.arange(n, device=images.device)) % n
-    out, lab = images.clone(), labels.clone()
-    for turns in (1, 2, 3):
-        sel = k == turns
-        if not bool(sel.any()):
-            continue
-        x = images[sel]
-        for _ in range(turns):
-            x = x[:, idx, :].transpose(-1, -2)
-        out[sel] = x
-        angle = turns * np.pi / 2
-        if "orientation" in slices:
-            # quaternion of Rz(angle): (cos a/2, 0, 0, sin a/2); A' = Rz A -> q' = qz * q
-            q = lab[sel][:, slices["orientation"]]
-            c, s = float(np.cos(angle / 2)), float(np.sin(angle / 2))
-            w, xq, yq, zq = q.unbind(dim=1)
-            rotated = torch.stack(
-                [c * w - s * zq, c * xq - s * yq, c * yq + s * xq, c * zq + s * w], dim=1
-            )
-            rotated = rotated * torch.where(rotated[:, :1] < 0, -1.0, 1.0)
-            sub = lab[sel]
-            sub[:, slices["orientation"]] = rotated
-            lab[sel] = sub
-    return out, lab
-
-
-def augment_shift_labels(
+def rotate_inplane(
+    images: torch.Tensor,
     labels: torch.Tensor,
-    k: torch.Tensor,
+    angles: torch.Tensor,
     slices: dict[str, slice],
-    shift_mean: Sequence[float],
-    shift_std: Sequence[float],
-) -> torch.Tensor:
-    """Rotate the (standardised) origin labels by ``k`` x 90°: ``o' = R2 o``."""
-    if "shifts" not in slices:
-        return labels
+    shift_mean: Sequence[float] = (0.0, 0.0),
+    shift_std: Sequence[float] = (1.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each image (B, N, N) by ``angles`` (B,) radians about pixel (N//2, N//2), with
+    its labels (see the module docstring): the quaternion part becomes ``qz(angle) q`` (sign
+    canonical), the (standardised) origin part ``R2(angle) o``; amplitudes are unchanged.
+
+    Bicubic interpolation, zeros outside the box: train with a circular mask that is 0 from
+    radius N/2 on (`PreprocessConfig.soft_mask`) so that rotated and unrotated images look
+    alike. Multiples of 90° are pixel permutations inside that circle.
+    """
+    n = int(images.shape[-1])
+    work = torch.float64 if images.dtype == torch.float64 else torch.float32
+    phi = angles.to(device=images.device, dtype=work)
+    cos, sin = torch.cos(phi), torch.sin(phi)
+    # affine_grid maps output to input coordinates (x = column, y = row, normalised to
+    # [-1, 1] with align_corners=False): input = R(-phi) (output - c) + c, c = pixel N//2
+    centre = torch.full((2,), (2 * (n // 2) + 1) / n - 1, dtype=work, device=images.device)
+    inverse = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+    theta = torch.cat([inverse, (centre - inverse @ centre)[..., None]], dim=-1)
+    grid = torch.nn.functional.affine_grid(theta, [len(images), 1, n, n], align_corners=False)
+    out = torch.nn.functional.grid_sample(
+        images[:, None].to(work), grid, mode="bicubic", padding_mode="zeros", align_corners=False
+    )[:, 0].to(images.dtype)
     lab = labels.clone()
-    mean = torch.tensor(shift_mean, dtype=lab.dtype, device=lab.device)
-    std = torch.tensor(shift_std, dtype=lab.dtype, device=lab.device)
-    o = lab[:, slices["shifts"]] * std + mean
-    for _ in range(3):
-        turn = k > 0
-        o = torch.where(turn[:, None], torch.stack([-o[:, 1], o[:, 0]], dim=1), o)
-        k = k - turn.to(k.dtype)
-    lab[:, slices["shifts"]] = (o - mean) / std
-    return lab
+    if "orientation" in slices:
+        # A' = Rz(phi) A  ->  q' = (cos phi/2, 0, 0, sin phi/2) * q
+        c, s = torch.cos(phi / 2).to(lab.dtype), torch.sin(phi / 2).to(lab.dtype)
+        w, x, y, z = lab[:, slices["orientation"]].unbind(dim=1)
+        q = torch.stack([c * w - s * z, c * x - s * y, c * y + s * x, c * z + s * w], dim=1)
+        lab[:, slices["orientation"]] = q * torch.where(q[:, :1] < 0, -1.0, 1.0)
+    if "shifts" in slices:
+        mean = torch.tensor(shift_mean, dtype=lab.dtype, device=lab.device)
+        std = torch.tensor(shift_std, dtype=lab.dtype, device=lab.device)
+        o = lab[:, slices["shifts"]] * std + mean
+        c, s = cos.to(lab.dtype), sin.to(lab.dtype)
+        turned = torch.stack([c * o[:, 0] - s * o[:, 1], s * o[:, 0] + c * o[:, 1]], dim=1)
+        lab[:, slices["shifts"]] = (turned - mean) / std
+    return out, lab
