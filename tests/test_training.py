@@ -231,6 +231,13 @@ def test_train_then_predict_end_to_end(aligned: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(result.rotation_matrices[:10], hem.rotation_matrices[:10], atol=1e-5)
     assert "dhnTrueAmplitude7" in result.extra  # every input column kept
     assert read_particles(out / "particles.cs").rotation_matrices is not None
+    # the cost is HEMNMA's measure: the refinement from the prediction lowers it
+    costs = {}
+    for steps in (0, 6):
+        folder = tmp_path / f"refine{steps}"
+        assert main([*argv[:5], str(folder), *argv[8:11], str(steps), *argv[12:]]) == 0
+        costs[steps] = np.asarray(read_particles(folder / "particles.star").extra["dhnCost"], float)
+    assert np.isfinite(costs[0]).all() and costs[6].mean() < costs[0].mean() - 1e-3
 
 
 def test_ddp_two_processes(aligned: Path, tmp_path: Path) -> None:

@@ -127,16 +127,36 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> Any:
+    return build_reference(
+        args.modes,
+        args.use_modes,
+        template=args.template,
+        final_template=args.final_template,
+        box_angstrom=box_angstrom,
+        device=device,
+    )
+
+
+def build_reference(
+    modes_path: Path,
+    use_modes: list[int],
+    *,
+    template: str = "residues",
+    final_template: str = "atoms",
+    box_angstrom: float,
+    device: Any,
+) -> Any:
+    """(reference, template used, final-stage reference or None) of a modes file, checked
+    against the particles' box; shared by ``align`` and ``predict --refine``."""
     from ..alignment.hemnma import ReferenceModel
     from ..nma import NormalModes
 
-    modes = NormalModes.load(args.modes)
-    selected = modes.select(args.use_modes)
-    rigid = [m for m in args.use_modes if m <= 6]
+    modes = NormalModes.load(modes_path)
+    selected = modes.select(use_modes)
+    rigid = [m for m in use_modes if m <= 6]
     if rigid:
         raise InputError(f"--use-modes {rigid}: modes 1-6 are rigid-body motions; use 7 and up")
     centre = modes.settings.get("map_centre_angstrom")
-    template = args.template
     if template != "nodes" and modes.atom_coordinates is None:
         template = "nodes"  # pseudoatoms of a map: the nodes are the density
 
@@ -144,7 +164,7 @@ def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> An
         return ReferenceModel.from_modes(
             selected.coordinates,
             selected.vectors,
-            args.use_modes,
+            use_modes,
             template=kind,
             atom_coordinates=modes.atom_coordinates,
             atom_node=modes.atom_node,
@@ -154,11 +174,7 @@ def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> An
 
     reference = build(template)
     final = None
-    if (
-        args.final_template == "atoms"
-        and template != "atoms"
-        and modes.atom_coordinates is not None
-    ):
+    if final_template == "atoms" and template != "atoms" and modes.atom_coordinates is not None:
         final = build("atoms")
     map_box = modes.settings.get("map_box_angstrom")
     if map_box is not None and abs(float(map_box) - box_angstrom) > 0.02 * box_angstrom:
@@ -168,7 +184,7 @@ def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> An
         )
     if reference.radius_angstrom > 0.5 * box_angstrom:
         raise InputError(
-            f"the reference in {args.modes} (radius {reference.radius_angstrom:.1f} Å) does not "
+            f"the reference in {modes_path} (radius {reference.radius_angstrom:.1f} Å) does not "
             f"fit in the particles' {box_angstrom:.1f} Å box: is the modes file from another "
             "structure, or the pixel size wrong?"
         )

@@ -8,8 +8,8 @@ particles taken from --hemnma), every other column kept.
 
 Several --checkpoint folders combine separately trained parts (as in the paper: amplitudes,
 orientation, shifts); the last one giving a part wins. With --modes, every particle also gets
-_dhnCost (1 - NCC, HEMNMA's similarity) at the prediction, and --refine N runs N iterations of
-the HEMNMA local refinement from it first.
+_dhnCost (1 - NCC, HEMNMA's similarity) at the prediction, and --refine N first refines the
+prediction locally as HEMNMA does (N Adam steps at 7 Å, then N/2 at 4 Å with every atom).
 
 Examples:
   deephemnma predict all_particles.star --checkpoint net --out predicted
@@ -36,7 +36,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--checkpoint", type=Path, nargs="+", required=True, help="folder(s) or .pt file(s)")
     p("--out", type=Path, required=True, help="output folder")
     p("--modes", type=Path, default=None, help="modes .npz: adds _dhnCost (and --refine)")
-    p("--refine", type=int, default=0, help="HEMNMA refinement iterations (needs --modes)")
+    p(
+        "--refine",
+        type=int,
+        default=0,
+        help="HEMNMA refinement from the prediction: N steps at 7 Å, N/2 at 4 Å (needs --modes)",
+    )
     p(
         "--hemnma",
         type=Path,
@@ -106,23 +111,21 @@ def main(args: argparse.Namespace) -> int:
     if len(boxes) != 1:
         raise InputError(f"{args.particles}: mixed box sizes {boxes.tolist()}")
     box, pixel = int(boxes[0]), float(np.median(table.pixel_size_angstrom))
-    reference = config = None
+    reference = final_reference = config = None
+    if args.refine < 0:
+        raise InputError(f"--refine must be >= 0 iterations, got {args.refine}")
     if args.modes is not None:
-        from ..alignment.hemnma import AlignmentConfig, ReferenceModel, align_batch
-        from ..nma import NormalModes
+        from ..alignment.hemnma import AlignmentConfig, align_batch
+        from .align import build_reference
 
-        nm = NormalModes.load(args.modes)
-        sel = nm.select(modes)
-        reference = ReferenceModel.from_modes(
-            sel.coordinates,
-            sel.vectors,
-            modes,
-            template="residues" if nm.atom_coordinates is not None else "nodes",
-            atom_coordinates=nm.atom_coordinates,
-            atom_node=nm.atom_node,
-            device=device,
+        if not modes:
+            raise InputError("--modes needs a network that predicts amplitudes")
+        reference, _, final_reference = build_reference(
+            args.modes, modes, box_angstrom=box * pixel, device=device
         )
-        config = AlignmentConfig(local_poses=True, iterations=(0, max(0, args.refine)))
+        # from the prediction (one candidate, no search): N steps at 7 Å with residue blobs,
+        # then N/2 at 4 Å with every atom, as the two bands of `deephemnma align`
+        config = AlignmentConfig(local_poses=True, iterations=(args.refine, args.refine // 2))
     ctf = np.stack([np.asarray(getattr(table, f), dtype=float) for f in CTF_FIELDS], axis=1)
     fields = {
         "amplitudes": ((len(modes),), np.float64),
@@ -200,6 +203,8 @@ def main(args: argparse.Namespace) -> int:
                         rotations=torch.as_tensor(rot),
                         shifts_angstrom=torch.as_tensor(shifts),
                         amplitudes=torch.as_tensor(amps, dtype=torch.float32),
+                        # the cost of `align`'s last stage (every atom, 4 Å): comparable
+                        final_reference=final_reference,
                     )
                 amps, rot, shifts, cost = (
                     res.amplitudes,

@@ -81,20 +81,15 @@ def typed_options(opts: dict[str, Any]) -> dict[str, Any]:
     """RELION passes every parameter as text: integers, floats and flags typed, with a clear
     error naming the parameter."""
     out = dict(opts)
-    for key in _INTEGERS:
-        if isinstance(out.get(key), str):
-            try:
-                out[key] = int(out[key])
-            except ValueError:
-                msg = f"parameter {key}: expected an integer, got {out[key]!r}"
-                raise InputError(msg) from None
-    for key in ("outliers", "search_step"):
-        if isinstance(out.get(key), str):
-            try:
-                out[key] = float(out[key])
-            except ValueError:
-                msg = f"parameter {key}: expected a number, got {out[key]!r}"
-                raise InputError(msg) from None
+    numbers = ((_INTEGERS, int, "an integer"), (("outliers", "search_step"), float, "a number"))
+    for keys, kind, what in numbers:
+        for key in keys:
+            if isinstance(out.get(key), str):
+                try:
+                    out[key] = kind(out[key])
+                except ValueError:
+                    msg = f"parameter {key}: expected {what}, got {out[key]!r}"
+                    raise InputError(msg) from None
     if isinstance(out.get("augment"), str):
         flag = out["augment"].strip().lower()
         if flag not in _TRUE + _FALSE:

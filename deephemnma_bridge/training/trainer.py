@@ -349,7 +349,9 @@ def train(
             count += len(x)
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         sched.step()
-        val, parts = evaluate(model, loader(splits["val"], False, 0), prepare, spec, device, amp)
+        # each rank scores its share of the validation set; the sums are all-reduced
+        val_mine = splits["val"][rank::world]
+        val, parts = evaluate(model, loader(val_mine, False, 0), prepare, spec, device, amp, world)
         train_loss = total / max(count, 1)
         record = {
             "epoch": epoch + 1,
@@ -380,10 +382,13 @@ def train(
                 },
             )
             _write_curves(history, out)
+            done = epoch + 1 - start_epoch
+            left = (time.perf_counter() - t_start) / done * (config.epochs - epoch - 1)
             log(
                 f"epoch {epoch + 1}: train {train_loss:.4f}, validation {val:.4f}"
                 + (" (best)" if improved else "")
                 + f", {record['seconds']:.1f} s"
+                + (f", at most {left / 60:.1f} min left" if epoch + 1 < config.epochs else "")
             )
         if config.early_stopping and stale >= config.early_stopping:
             if rank == 0:
@@ -411,21 +416,25 @@ def evaluate(
     spec: TargetSpec,
     device: torch.device,
     amp: bool,
+    world: int = 1,
 ) -> tuple[float, dict[str, float]]:
-    """Mean validation loss and its parts."""
+    """Mean validation loss and its parts; with ``world`` > 1 each rank passes its share of
+    the particles and the sums are all-reduced, so every rank returns the same figures."""
     model.eval()
-    total, count = 0.0, 0
-    parts_sum: dict[str, float] = {}
+    # [total loss, count, one sum per part], weighted by batch size
+    sums = torch.zeros(2 + len(spec.parts), dtype=torch.float64)
     for batch in batches:
         x, y = prepare(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             pred = model(x[:, None])
         loss, parts = target_loss(spec, pred.float(), y)
-        total += float(loss) * len(x)
-        count += len(x)
-        for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * len(x)
-    return total / max(count, 1), {k: v / max(count, 1) for k, v in parts_sum.items()}
+        sums += torch.tensor([float(loss), 1.0, *(float(parts[p]) for p in spec.parts)]) * len(x)
+    if world > 1:
+        reduced = sums.to(device)
+        torch.distributed.all_reduce(reduced)
+        sums = reduced.cpu()
+    mean = (sums / max(float(sums[1]), 1.0)).tolist()
+    return mean[0], {p: mean[2 + k] for k, p in enumerate(spec.parts)}
 
 
 def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
