@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 
-from .alignment.ctf import CTFParams, fourier_frequencies, phase_flip
+from .alignment.ctf import CTFParams, ctf_2d, fourier_frequencies
 from .errors import InputError
 
 __all__ = [
@@ -133,7 +133,13 @@ def fourier_crop(images: torch.Tensor, output_size_px: int) -> torch.Tensor:
         raise InputError(f"cannot Fourier-crop {n_in} px images to a larger size {n} px")
     if n == n_in:
         return images
-    spec = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+    spec = _crop_spectrum(torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1))), n_in, n)
+    out = torch.fft.irfft2(spec, s=(n, n)) * (n * n) / (n_in * n_in)
+    return torch.fft.fftshift(out, dim=(-2, -1))
+
+
+def _crop_spectrum(spec: torch.Tensor, n_in: int, n: int) -> torch.Tensor:
+    """The ``rfft2`` half-plane of an ``n_in`` image cropped to that of an ``n`` image."""
     rows = torch.cat([torch.arange(0, (n + 1) // 2), torch.arange(n_in - n // 2, n_in)])
     cropped = spec[..., rows.to(spec.device), : n // 2 + 1]
     if n % 2 == 0:
@@ -141,8 +147,7 @@ def fourier_crop(images: torch.Tensor, output_size_px: int) -> torch.Tensor:
         cropped = cropped.clone()
         cropped[..., n // 2, :] = 0
         cropped[..., :, n // 2] = 0
-    out = torch.fft.irfft2(cropped, s=(n, n)) * (n * n) / (n_in * n_in)
-    return torch.fft.fftshift(out, dim=(-2, -1))
+    return cropped
 
 
 def circular_mask(
@@ -163,15 +168,14 @@ def circular_mask(
     return 0.5 * (1 + torch.cos(math.pi * t))
 
 
-def _lowpass(images: torch.Tensor, pixel_size_angstrom: float, resolution: float) -> torch.Tensor:
-    n = int(images.shape[-1])
-    ky, kx = fourier_frequencies(n, pixel_size_angstrom, device=images.device, dtype=images.dtype)
+def _lowpass_weights(
+    n: int, pixel_size_angstrom: float, resolution: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Raised-cosine low-pass on the ``rfft2`` grid, one Fourier pixel wide."""
+    ky, kx = fourier_frequencies(n, pixel_size_angstrom, device=device, dtype=dtype)
     k = torch.sqrt(kx * kx + ky * ky)
-    k_cut = 1.0 / resolution
-    width = 1.0 / (n * pixel_size_angstrom)
-    t = ((k - k_cut) / width).clamp(0, 1)
-    weights = 0.5 * (1 + torch.cos(math.pi * t))
-    return torch.fft.irfft2(torch.fft.rfft2(images) * weights, s=(n, n))
+    t = ((k - 1.0 / resolution) * (n * pixel_size_angstrom)).clamp(0, 1)
+    return 0.5 * (1 + torch.cos(math.pi * t))
 
 
 def preprocess_images(
@@ -204,18 +208,28 @@ def preprocess_images(
         raise InputError(f"pixel size must be > 0 Å, got {pixel_size_angstrom}")
     x = images if images.is_floating_point() and images.dtype != torch.float16 else images.float()
     n_in = int(x.shape[-1])
-    if config.phase_flip:
-        if ctf is None:
-            raise InputError(
-                "phase flipping needs the particles' CTF parameters; pass ctf= or "
-                "set phase_flip=False (for images that are already phase-flipped)"
-            )
-        x = phase_flip(x, ctf.to(x.device), pixel_size_angstrom=pixel_size_angstrom)
+    if config.phase_flip and ctf is None:
+        raise InputError(
+            "phase flipping needs the particles' CTF parameters; pass ctf= or "
+            "set phase_flip=False (for images that are already phase-flipped)"
+        )
     n = n_in if config.output_size_px is None else config.output_size_px
-    x = fourier_crop(x, n)
+    if n > n_in:
+        raise InputError(f"cannot Fourier-crop {n_in} px images to a larger size {n} px")
     pix = output_pixel_size(pixel_size_angstrom, n_in, config)
-    if config.lowpass_angstrom is not None:
-        x = _lowpass(x, pix, config.lowpass_angstrom)
+    if config.phase_flip or n != n_in or config.lowpass_angstrom is not None:
+        # steps 1-3 in one pass through Fourier space: the phase flip and the low-pass are
+        # evaluated on the cropped grid, whose frequencies are the input's (k = i / (n pix))
+        spec = torch.fft.rfft2(torch.fft.ifftshift(x, dim=(-2, -1)))
+        if n != n_in:
+            spec = _crop_spectrum(spec, n_in, n)
+        if ctf is not None and config.phase_flip:
+            sign = ctf_2d(ctf.to(x.device), box_size_px=n, pixel_size_angstrom=pix)
+            spec = spec * torch.where(sign < 0, -1.0, 1.0).to(x.dtype)
+        if config.lowpass_angstrom is not None:
+            spec = spec * _lowpass_weights(n, pix, config.lowpass_angstrom, x.device, x.dtype)
+        x = torch.fft.irfft2(spec, s=(n, n)) * (n * n / (n_in * n_in))
+        x = torch.fft.fftshift(x, dim=(-2, -1))
     radius = config.mask_radius_fraction * n / 2
     if config.normalise != "none":
         if config.normalise == "background":

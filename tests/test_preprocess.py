@@ -71,14 +71,30 @@ def test_output_pixel_size_and_config_round_trip() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_phase_flip_then_crop(device: str) -> None:
+@pytest.mark.parametrize(("n_in", "n_out"), [(64, 32), (65, 33), (64, 64)])
+@pytest.mark.parametrize("lowpass", [None, 6.0])
+def test_phase_flip_then_crop(device: str, n_in: int, n_out: int, lowpass: float | None) -> None:
+    """The one-pass preprocessing equals the steps one after the other: phase flip at the
+    input size, Fourier crop, low-pass at the output pixel size."""
     gen = torch.Generator().manual_seed(1)
-    img = torch.randn(3, 64, 64, generator=gen).to(device)
+    img = torch.randn(3, n_in, n_in, generator=gen, dtype=torch.float64).to(device)
     ctf = CTFParams.create(defocus_u_angstrom=[8000.0, 12000.0, 20000.0], device=device)
-    cfg = PreprocessConfig(output_size_px=32, phase_flip=True, normalise="none")
+    cfg = PreprocessConfig(
+        output_size_px=n_out, phase_flip=True, normalise="none", lowpass_angstrom=lowpass
+    )
     out = preprocess_images(img, pixel_size_angstrom=1.0, config=cfg, ctf=ctf)
-    expected = fourier_crop(phase_flip(img, ctf, pixel_size_angstrom=1.0), 32)
+    expected = fourier_crop(phase_flip(img, ctf, pixel_size_angstrom=1.0), n_out)
+    if lowpass is not None:
+        pix = n_in / n_out
+        k = torch.sqrt(
+            torch.fft.fftfreq(n_out, d=pix, dtype=torch.float64)[:, None] ** 2
+            + torch.fft.rfftfreq(n_out, d=pix, dtype=torch.float64)[None, :] ** 2
+        ).to(device)
+        edge = 0.5 * (1 + torch.cos(torch.pi * ((k - 1 / lowpass) * n_out * pix).clamp(0, 1)))
+        expected = torch.fft.irfft2(torch.fft.rfft2(expected) * edge, s=(n_out, n_out))
     torch.testing.assert_close(out, expected)
+    if (n_in, n_out, lowpass) != (64, 32, None):
+        return
     # a CTF-modulated image, once flipped, correlates positively with the |CTF|-filtered one
     c = ctf_2d(ctf, box_size_px=64, pixel_size_angstrom=1.0)
     modulated = torch.fft.irfft2(torch.fft.rfft2(img) * c, s=(64, 64))
