@@ -146,7 +146,9 @@ def test_working_size_follows_the_lowpass() -> None:
         TrainConfig(dropout=1.0)
 
 
-def test_train_then_predict_end_to_end(aligned: Path, tmp_path: Path) -> None:
+def test_train_then_predict_end_to_end(
+    aligned: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     net = tmp_path / "net"
     al = str(aligned / "al" / "particles.star")
     assert (
@@ -238,6 +240,28 @@ def test_train_then_predict_end_to_end(aligned: Path, tmp_path: Path) -> None:
         assert main([*argv[:5], str(folder), *argv[8:11], str(steps), *argv[12:]]) == 0
         costs[steps] = np.asarray(read_particles(folder / "particles.star").extra["dhnCost"], float)
     assert np.isfinite(costs[0]).all() and costs[6].mean() < costs[0].mean() - 1e-3
+    # fallback: every particle whose cost stays above the threshold (here all) is re-aligned
+    # by HEMNMA's global search, exactly as `deephemnma align` aligns it
+    fb = tmp_path / "fallback"
+    assert main([*argv[:5], str(fb), *argv[8:12], "--fallback-cost", "0", *argv[12:]]) == 0
+    fell = read_particles(fb / "particles.star")
+    assert (np.asarray(fell.extra["dhnSource"]).astype(str) == "hemnma").all()
+    ref = tmp_path / "aligned_default"
+    assert main(["align", str(sim / "particles.star"), *argv[8:10], "--out", str(ref)]) == 0
+    direct = read_particles(ref / "particles.star")
+    assert fell.rotation_matrices is not None and direct.rotation_matrices is not None
+    np.testing.assert_allclose(fell.rotation_matrices, direct.rotation_matrices, atol=1e-4)
+    for column in ("dhnAmplitude7", "dhnCost"):
+        np.testing.assert_allclose(
+            np.asarray(fell.extra[column], float),
+            np.asarray(direct.extra[column], float),
+            atol=1e-4,
+        )
+    for bad, message in ((["abc"], "number or auto"), (["auto"], "needs --hemnma")):
+        folder = str(tmp_path / "bad")
+        code = main([*argv[:5], folder, *argv[8:12], "--fallback-cost", *bad, *argv[12:]])
+        assert code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_ddp_two_processes(aligned: Path, tmp_path: Path) -> None:

@@ -10,10 +10,15 @@ Several --checkpoint folders combine separately trained parts (as in the paper: 
 orientation, shifts); the last one giving a part wins. With --modes, every particle also gets
 _dhnCost (1 - NCC, HEMNMA's similarity) at the prediction, and --refine N first refines the
 prediction locally as HEMNMA does (N Adam steps at 7 Å, then N/2 at 4 Å with every atom).
+--fallback-cost re-aligns by HEMNMA (global search) the particles whose cost stays above a
+threshold (auto: the 99th percentile of the --hemnma particles' costs); they get
+_dhnSource hemnma.
 
 Examples:
   deephemnma predict all_particles.star --checkpoint net --out predicted
   deephemnma predict all.star --checkpoint net --modes modes.npz --refine 30 --out refined
+  deephemnma predict all.star --checkpoint net --modes modes.npz --refine 80 \
+      --hemnma aligned/particles.star --fallback-cost auto --out checked
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="HEMNMA refinement from the prediction: N steps at 7 Å, N/2 at 4 Å (needs --modes)",
     )
     p(
+        "--fallback-cost",
+        default=None,
+        help="re-align by HEMNMA (global search) the particles whose cost stays above this "
+        "(a number, or auto: the 99th percentile of the --hemnma particles' _dhnCost)",
+    )
+    p(
         "--hemnma",
         type=Path,
         default=None,
@@ -58,6 +69,35 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--checkpoint-every", type=int, default=2048, help="particles between checkpoints")
     p("--relion-version", choices=["3.0", "3.1"], default="3.1")
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+
+
+def fallback_threshold(args: argparse.Namespace) -> float | None:
+    """The ``--fallback-cost`` threshold: None, a number, or with ``auto`` the 99th
+    percentile of the finite ``_dhnCost`` of the ``--hemnma`` particles (align's output)."""
+    if args.fallback_cost is None:
+        return None
+    if args.modes is None:
+        raise InputError("--fallback-cost needs --modes (HEMNMA's reference)")
+    if str(args.fallback_cost).lower() != "auto":
+        try:
+            return float(args.fallback_cost)
+        except ValueError:
+            raise InputError(
+                f"--fallback-cost {args.fallback_cost!r}: give a number or auto"
+            ) from None
+    if args.hemnma is None:
+        raise InputError("--fallback-cost auto needs --hemnma (the align output to compare with)")
+    from ..adapters import read_particles
+
+    aligned = read_particles(args.hemnma)
+    costs = np.asarray(aligned.extra.get("dhnCost", []), dtype=float)
+    costs = costs[np.isfinite(costs)]
+    if len(costs) < 10:
+        raise InputError(
+            f"--fallback-cost auto: {args.hemnma} has {len(costs)} finite _dhnCost values "
+            "(need 10); give a number instead"
+        )
+    return float(np.percentile(costs, 99))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -114,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
     reference = final_reference = config = None
     if args.refine < 0:
         raise InputError(f"--refine must be >= 0 iterations, got {args.refine}")
+    threshold = fallback_threshold(args)
     if args.modes is not None:
         from ..alignment.hemnma import AlignmentConfig, align_batch
         from .align import build_reference
@@ -132,12 +173,14 @@ def main(args: argparse.Namespace) -> int:
         "rotations": ((3, 3), np.float64),
         "shifts": ((2,), np.float64),
         "cost": ((), np.float64),
+        "fallback": ((), np.bool_),
     }
     settings = {
         "particles": str(args.particles),
         "checkpoints": [str(c) for c in args.checkpoint],
         "modes": str(args.modes),
         "refine": args.refine,
+        "fallback_cost": threshold,
     }
     run = ShardedRun(args.out, n, fields, settings, device, args.checkpoint_every)
     todo_local = run.todo  # positions in this rank's slice
@@ -164,6 +207,7 @@ def main(args: argparse.Namespace) -> int:
     preps = [PreprocessConfig.from_dict(meta["preprocess"]) for _, meta, _ in nets]
     working = min(box, 128)
     align_prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
+    library: Any = None  # HEMNMA's search library, built at the first fallback
     t0 = time.perf_counter()
     amp = device.type == "cuda"
     with torch.no_grad():
@@ -191,6 +235,7 @@ def main(args: argparse.Namespace) -> int:
             shifts = out.get("shifts", table.shifts_angstrom[rows])
             amps = out.get("amplitudes", np.zeros((len(rows), 0)))
             cost = np.full(len(rows), np.nan)
+            fell = np.zeros(len(rows), dtype=bool)
             if reference is not None and config is not None:
                 xa = preprocess_images(images, pixel_size_angstrom=pixel, config=align_prep)
                 with torch.enable_grad():
@@ -212,7 +257,37 @@ def main(args: argparse.Namespace) -> int:
                     res.shifts_angstrom,
                     res.cost,
                 )
-            run.store(local, amplitudes=amps, rotations=rot, shifts=shifts, cost=cost)
+                if threshold is not None:
+                    fell = ~(cost <= threshold)  # NaN (failed) too
+                if fell.any():
+                    from ..alignment.hemnma import SearchLibrary
+
+                    search = AlignmentConfig()  # `deephemnma align`'s defaults
+                    work_pixel = pixel * box / working
+                    if library is None:
+                        library = SearchLibrary.build(
+                            reference, search, working, work_pixel, device
+                        )
+                    idx = np.flatnonzero(fell)
+                    with torch.enable_grad():
+                        full = align_batch(
+                            xa[torch.as_tensor(idx, device=device)],
+                            params.take(idx),
+                            reference,
+                            search,
+                            pixel_size_angstrom=work_pixel,
+                            final_reference=final_reference,
+                            library=library,
+                        )
+                    amps[idx], rot[idx], shifts[idx] = (
+                        full.amplitudes,
+                        full.rotations,
+                        full.shifts_angstrom,
+                    )
+                    cost[idx] = full.cost
+            run.store(
+                local, amplitudes=amps, rotations=rot, shifts=shifts, cost=cost, fallback=fell
+            )
             bar.update(len(rows))
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -221,6 +296,12 @@ def main(args: argparse.Namespace) -> int:
         run.close(success=False)
         return 0
     source = np.full(n, "network", dtype=object)
+    if threshold is not None:
+        source[merged["fallback"]] = "hemnma"
+        print(
+            f"{int(merged['fallback'].sum())} particle(s) with a cost above {threshold:.4f} "
+            "re-aligned by HEMNMA (global search)"
+        )
     amplitudes, rotations, shifts_all = merged["amplitudes"], merged["rotations"], merged["shifts"]
     cost_all = merged["cost"]
     if args.hemnma is not None:
