@@ -9,7 +9,9 @@
    errors against the ground truth for the network and for HEMNMA on the same particles
    (angular error median / p90, shift, amplitude r and MAE/range), and their ratio; with
    ``--refine N`` also for the network's predictions refined by N HEMNMA iterations
-   (``predict --refine``).
+   (``predict --refine``), and with ``--fallback`` for those whose cost then stays above the
+   99th percentile of the training particles' HEMNMA costs re-aligned by HEMNMA
+   (``predict --fallback-cost auto``).
 4. Inference throughput on every simulated particle: end to end (``deephemnma predict``:
    stack -> STAR, the loop's rate as the command prints it) and the bare network forward pass
    on a tensor of the same size and batch (``--infer-batch``), alternated twice in the same
@@ -76,6 +78,9 @@ def main() -> None:
     parser.add_argument("--lr-step", type=int, default=None, help="lr / 10 every N epochs")
     parser.add_argument("--augment", action="store_true", help="in-plane rotation augmentation")
     parser.add_argument("--refine", type=int, default=0, help="also predict + N HEMNMA steps")
+    parser.add_argument(
+        "--fallback", action="store_true", help="with --refine: also --fallback-cost auto"
+    )
     parser.add_argument("--retrain", action="store_true", help="train afresh in an old --work")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
@@ -138,26 +143,23 @@ def main() -> None:
     )
     results = {"network": errors(pred / "particles.star")}
     if args.refine:
-        refined = work / f"refined{args.refine}"
-        if refined.exists():
-            import shutil
+        import shutil
 
-            shutil.rmtree(refined)
-        cli(
-            [
-                "predict",
-                str(sim / "test.star"),
-                "--checkpoint",
-                str(net),
-                "--modes",
-                modes,
-                "--refine",
-                str(args.refine),
-                "--out",
-                str(refined),
-            ]
-        )
-        results[f"+refine{args.refine}"] = errors(refined / "particles.star")
+        runs = {f"+refine{args.refine}": []}
+        if args.fallback:
+            hemnma_train = str(work / "hemnma_train" / "particles.star")
+            runs[f"+refine{args.refine}+fallback"] = ["--hemnma", hemnma_train]
+            runs[f"+refine{args.refine}+fallback"] += ["--fallback-cost", "auto"]
+        for name, extra in runs.items():
+            folder = work / name.lstrip("+").replace("+", "_")
+            if folder.exists():
+                shutil.rmtree(folder)
+            argv = ["predict", str(sim / "test.star"), "--checkpoint", str(net)]
+            argv += ["--modes", modes, "--refine", str(args.refine), "--out", str(folder)]
+            printed = cli([*argv, *extra])
+            if extra:
+                print("  " + printed.strip().splitlines()[0])  # how many fell back
+            results[name] = errors(folder / "particles.star")
     hem = errors(work / "hemnma_test" / "particles.star")
     meta = json.loads((net / "train.json").read_text())
     print(

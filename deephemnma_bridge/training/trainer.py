@@ -404,7 +404,7 @@ def train(
         "best_val": best_val,
         "epochs_run": len(history),
         "splits": {k: len(v) for k, v in splits.items()},
-        "seconds": time.perf_counter() - t_start,
+        "seconds": sum(h["seconds"] for h in history),  # every epoch, resumed runs too
     }
 
 
