@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,12 @@ def cli(args: list[str]) -> str:
         raise SystemExit(f"{args[0]} failed:\n{done.stderr[-3000:]}")
     print(f"  {args[0]}: {time.perf_counter() - t0:.0f} s", flush=True)
     return done.stdout
+
+
+def fresh(folder: Path) -> None:
+    """Remove an output folder of an earlier run (commands refuse to overwrite)."""
+    if folder.exists():
+        shutil.rmtree(folder)
 
 
 def errors(path: Path) -> dict[str, float]:
@@ -111,10 +118,8 @@ def main() -> None:
                 ]
             )
     net = work / "net"
-    if args.retrain and net.exists():
-        import shutil
-
-        shutil.rmtree(net)
+    if args.retrain:
+        fresh(net)
     train = ["train", str(work / "hemnma_train" / "particles.star"), "--out", str(net)]
     train += ["--preset", args.preset, "--epochs", str(args.epochs)]
     train += ["--batch-size", str(args.batch_size), "--test-fraction", "0"]
@@ -123,10 +128,7 @@ def main() -> None:
     train += ["--augment"] if args.augment else []
     cli(train)
     pred = work / "predicted"
-    if pred.exists():
-        import shutil
-
-        shutil.rmtree(pred)
+    fresh(pred)
     cli(
         [
             "predict",
@@ -143,8 +145,6 @@ def main() -> None:
     )
     results = {"network": errors(pred / "particles.star")}
     if args.refine:
-        import shutil
-
         runs = {f"+refine{args.refine}": []}
         if args.fallback:
             hemnma_train = str(work / "hemnma_train" / "particles.star")
@@ -152,8 +152,7 @@ def main() -> None:
             runs[f"+refine{args.refine}+fallback"] += ["--fallback-cost", "auto"]
         for name, extra in runs.items():
             folder = work / name.lstrip("+").replace("+", "_")
-            if folder.exists():
-                shutil.rmtree(folder)
+            fresh(folder)
             argv = ["predict", str(sim / "test.star"), "--checkpoint", str(net)]
             argv += ["--modes", modes, "--refine", str(args.refine), "--out", str(folder)]
             printed = cli([*argv, *extra])
@@ -196,15 +195,12 @@ def bare_forward(size: int, batch: int, seconds: float = 5.0) -> float:
 def throughput(net: Path, particles: Path, out: Path, batch: int) -> None:
     """End to end (``predict`` on every simulated particle: stack -> STAR, the loop's rate
     as the command prints it) against the bare forward pass, alternated twice, medians."""
-    import shutil
-
     _, ckpt = load_checkpoint(net)
     size = int(ckpt["preprocess"]["output_size_px"])
     ends, bares = [], []
     for _ in range(2):
         bares.append(bare_forward(size, batch))
-        if out.exists():
-            shutil.rmtree(out)
+        fresh(out)
         argv = ["predict", str(particles), "--checkpoint", str(net), "--out", str(out)]
         printed = cli([*argv, "--batch-size", str(batch), "--device", "cpu"])
         rate = re.search(r"\(([\d.]+)/s", printed)

@@ -71,9 +71,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
 
 
-def fallback_threshold(args: argparse.Namespace) -> float | None:
+def fallback_threshold(args: argparse.Namespace, aligned: Any) -> float | None:
     """The ``--fallback-cost`` threshold: None, a number, or with ``auto`` the 99th
-    percentile of the finite ``_dhnCost`` of the ``--hemnma`` particles (align's output)."""
+    percentile of the finite ``_dhnCost`` of ``aligned``, the ``--hemnma`` particles (align's
+    output, None without --hemnma)."""
     if args.fallback_cost is None:
         return None
     if args.modes is None:
@@ -85,11 +86,8 @@ def fallback_threshold(args: argparse.Namespace) -> float | None:
             raise InputError(
                 f"--fallback-cost {args.fallback_cost!r}: give a number or auto"
             ) from None
-    if args.hemnma is None:
+    if aligned is None:
         raise InputError("--fallback-cost auto needs --hemnma (the align output to compare with)")
-    from ..adapters import read_particles
-
-    aligned = read_particles(args.hemnma)
     costs = np.asarray(aligned.extra.get("dhnCost", []), dtype=float)
     costs = costs[np.isfinite(costs)]
     if len(costs) < 10:
@@ -154,9 +152,19 @@ def main(args: argparse.Namespace) -> int:
     reference = final_reference = config = None
     if args.refine < 0:
         raise InputError(f"--refine must be >= 0 iterations, got {args.refine}")
-    threshold = fallback_threshold(args)
+    aligned = None  # --hemnma, read and checked once, before any prediction
+    if args.hemnma is not None:
+        aligned = read_particles(args.hemnma)
+        if aligned.rotation_matrices is None:
+            raise InputError(f"--hemnma {args.hemnma}: no poses")
+        for m in modes:
+            if f"dhnAmplitude{m}" not in aligned.extra:
+                raise InputError(f"--hemnma {args.hemnma}: no dhnAmplitude{m} column")
+    threshold = fallback_threshold(args, aligned)
+    working = min(box, 128)
+    work_pixel = pixel * box / working  # HEMNMA's working pixel, as in `deephemnma align`
     if args.modes is not None:
-        from ..alignment.hemnma import AlignmentConfig, align_batch
+        from ..alignment.hemnma import AlignmentConfig, SearchLibrary, align_batch
         from .align import build_reference
 
         if not modes:
@@ -167,6 +175,7 @@ def main(args: argparse.Namespace) -> int:
         # from the prediction (one candidate, no search): N steps at 7 Å with residue blobs,
         # then N/2 at 4 Å with every atom, as the two bands of `deephemnma align`
         config = AlignmentConfig(local_poses=True, iterations=(args.refine, args.refine // 2))
+        search = AlignmentConfig()  # the fallback: `deephemnma align`'s defaults
     ctf = np.stack([np.asarray(getattr(table, f), dtype=float) for f in CTF_FIELDS], axis=1)
     fields = {
         "amplitudes": ((len(modes),), np.float64),
@@ -205,7 +214,6 @@ def main(args: argparse.Namespace) -> int:
         disable=None,
     )
     preps = [PreprocessConfig.from_dict(meta["preprocess"]) for _, meta, _ in nets]
-    working = min(box, 128)
     align_prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
     library: Any = None  # HEMNMA's search library, built at the first fallback
     t0 = time.perf_counter()
@@ -244,7 +252,7 @@ def main(args: argparse.Namespace) -> int:
                         params,
                         reference,
                         config,
-                        pixel_size_angstrom=pixel * box / working,
+                        pixel_size_angstrom=work_pixel,
                         rotations=torch.as_tensor(rot),
                         shifts_angstrom=torch.as_tensor(shifts),
                         amplitudes=torch.as_tensor(amps, dtype=torch.float32),
@@ -260,10 +268,6 @@ def main(args: argparse.Namespace) -> int:
                 if threshold is not None:
                     fell = ~(cost <= threshold)  # NaN (failed) too
                 if fell.any():
-                    from ..alignment.hemnma import SearchLibrary
-
-                    search = AlignmentConfig()  # `deephemnma align`'s defaults
-                    work_pixel = pixel * box / working
                     if library is None:
                         library = SearchLibrary.build(
                             reference, search, working, work_pixel, device
@@ -304,17 +308,13 @@ def main(args: argparse.Namespace) -> int:
         )
     amplitudes, rotations, shifts_all = merged["amplitudes"], merged["rotations"], merged["shifts"]
     cost_all = merged["cost"]
-    if args.hemnma is not None:
-        aligned = read_particles(args.hemnma)
+    if aligned is not None:
+        assert aligned.rotation_matrices is not None  # checked on reading
         where = pd.Index(table.stack_keys).get_indexer(aligned.stack_keys)
         found = where >= 0
-        if aligned.rotation_matrices is None:
-            raise InputError(f"--hemnma {args.hemnma}: no poses")
         for j, m in enumerate(modes):
-            column = f"dhnAmplitude{m}"
-            if column not in aligned.extra:
-                raise InputError(f"--hemnma {args.hemnma}: no {column} column")
-            amplitudes[where[found], j] = np.asarray(aligned.extra[column], dtype=float)[found]
+            column = np.asarray(aligned.extra[f"dhnAmplitude{m}"], dtype=float)
+            amplitudes[where[found], j] = column[found]
         rotations[where[found]] = aligned.rotation_matrices[found]
         shifts_all[where[found]] = aligned.shifts_angstrom[found]
         if "dhnCost" in aligned.extra:
@@ -323,7 +323,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{int(found.sum())} particle(s) keep their HEMNMA values from {args.hemnma}")
     columns: dict[str, Any] = {f"dhnAmplitude{m}": amplitudes[:, j] for j, m in enumerate(modes)}
     columns["dhnSource"] = source
-    if args.modes is not None or args.hemnma is not None:
+    if args.modes is not None or aligned is not None:
         columns["dhnCost"] = cost_all
     result = table.with_poses(rotations, shifts_all).with_extra(**columns)
     result = portable_image_paths(result)  # reachable from the output folder too
