@@ -12,19 +12,188 @@ outputs are ``particles`` (every particle: new ``alignments3D`` poses and one
 ``components_mode_<m>`` slot per normal mode holding its amplitude, the cryoSPARC 3DVA /
 3D Flex convention for per-particle continuous values) and one output per group with the
 same slots, each carrying the other slots through from the input by uid.
+
+`connect` checks the server address and credentials before connecting (INTEROP.md 4.2) and
+turns every connection failure into one `InputError` line saying what to set.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from cryosparc.dataset import Dataset
 
 from deephemnma_bridge.errors import InputError
 
-__all__ = ["download_particles", "publish_results"]
+__all__ = [
+    "connect",
+    "connection_settings",
+    "download_particles",
+    "one_line",
+    "publish_results",
+    "server_errors",
+]
+
+_LOGIN = "python -m cryosparc.tools login --url URL"
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc`` (or of its cause when that says more)."""
+    for err in (exc.__cause__, exc):
+        if err is not None:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            if lines:
+                return lines[0]
+    return type(exc).__name__
+
+
+def connection_settings(
+    *,
+    url: str | None = None,
+    email: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    tools_version: str,
+) -> dict[str, Any]:
+    """Keyword arguments for ``cryosparc.tools.CryoSPARC`` of version ``tools_version`` from
+    ``url`` / ``email`` (command line) and the environment (``CRYOSPARC_BASE_URL``,
+    ``CRYOSPARC_MASTER_HOSTNAME``, ``CRYOSPARC_BASE_PORT``, ``CRYOSPARC_EMAIL``,
+    ``CRYOSPARC_PASSWORD``, ``CRYOSPARC_LICENSE_ID``). Every argument is given explicitly:
+    cryosparc-tools reads its defaults from the environment once, at import.
+
+    Raises
+    ------
+    InputError
+        One line naming what is missing and how to give it.
+    """
+    env = os.environ if environ is None else environ
+    get = lambda key: (env.get(key) or "").strip() or None  # noqa: E731
+    url = (url or "").strip() or get("CRYOSPARC_BASE_URL")
+    host, port = get("CRYOSPARC_MASTER_HOSTNAME"), get("CRYOSPARC_BASE_PORT")
+    email = (email or "").strip() or get("CRYOSPARC_EMAIL")
+    password, license_id = get("CRYOSPARC_PASSWORD"), get("CRYOSPARC_LICENSE_ID")
+    if url:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            url_port = parts.port
+        except ValueError:
+            url_port = -1
+        if not parts.hostname or url_port == -1:
+            raise InputError(f"cryoSPARC URL {url!r} is not a web address like http://host:39000")
+        url = f"{parts.scheme}://{parts.netloc}"
+        host, port = parts.hostname, str(url_port or 39000)
+    elif not host and not port:
+        raise InputError(
+            "no cryoSPARC server given: pass --url http://HOST:39000 (its web address) or set "
+            "CRYOSPARC_BASE_URL (or CRYOSPARC_MASTER_HOSTNAME and CRYOSPARC_BASE_PORT)"
+        )
+    if port is not None and not port.isdigit():
+        raise InputError(f"CRYOSPARC_BASE_PORT must be a port number, got {port!r}")
+    if int(tools_version.split(".")[0]) >= 5:
+        if url:
+            return {
+                "base_url": url,
+                "host": None,
+                "base_port": None,
+                "email": email,
+                "password": password,
+                "license": license_id,
+            }
+        return {
+            "base_url": None,
+            "host": host or "localhost",
+            "base_port": int(port or 39000),
+            "email": email,
+            "password": password,
+            "license": license_id,
+        }
+    # cryosparc-tools 4.x: CryoSPARC(license, host, base_port, email, password), all needed
+    missing = [
+        name
+        for name, value in (
+            ("CRYOSPARC_LICENSE_ID", license_id),
+            ("CRYOSPARC_EMAIL (or --email)", email),
+            ("CRYOSPARC_PASSWORD", password),
+        )
+        if not value
+    ]
+    if missing:
+        raise InputError(
+            f"cryosparc-tools {tools_version} needs {', '.join(missing)} to connect; set "
+            f"{'it' if len(missing) == 1 else 'them'} in the environment"
+        )
+    return {
+        "license": license_id,
+        "host": host or "localhost",
+        "base_port": int(port or 39000),
+        "email": email,
+        "password": password,
+    }
+
+
+def server_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of a failed server call (network, HTTP, cryoSPARC API)."""
+    from cryosparc import errors
+
+    kinds: list[type[BaseException]] = [OSError, TimeoutError]
+    for name in ("APIError", "CommandError", "ExternalJobError"):
+        kind = getattr(errors, name, None)
+        if isinstance(kind, type) and issubclass(kind, BaseException):
+            kinds.append(kind)
+    try:
+        import httpx
+    except ImportError:  # cryosparc-tools 4.x talks through urllib (OSError)
+        pass
+    else:
+        kinds.append(httpx.HTTPError)
+    return tuple(kinds)
+
+
+def connect(
+    *,
+    url: str | None = None,
+    email: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Any:
+    """A connected ``cryosparc.tools.CryoSPARC``.
+
+    Raises
+    ------
+    InputError
+        Missing address or credentials (checked first), refused login or unreachable server,
+        in one line that says what to do.
+    """
+    from cryosparc import __version__ as tools_version
+    from cryosparc.tools import CryoSPARC
+
+    kwargs = connection_settings(url=url, email=email, environ=environ, tools_version=tools_version)
+    where = kwargs.get("base_url") or f"http://{kwargs['host']}:{kwargs['base_port']}"
+    login = _LOGIN.replace("URL", where)
+    failures: tuple[type[BaseException], ...] = (TypeError, RuntimeError, *server_errors())
+    with warnings.catch_warnings():  # the client's per-attempt retry warnings
+        warnings.filterwarnings("ignore", message=r".*API client")
+        if kwargs.get("license") and int(tools_version.split(".")[0]) >= 5:
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            return CryoSPARC(**kwargs)
+        except ValueError as exc:  # v5: neither email + password nor a stored session
+            if "authentication" not in str(exc):
+                raise InputError(f"cryoSPARC at {where}: {one_line(exc)}") from exc
+            raise InputError(
+                f"no cryoSPARC login for {where}: set CRYOSPARC_EMAIL and CRYOSPARC_PASSWORD, "
+                f"or log in once with `{login}`"
+            ) from exc
+        except failures as exc:
+            raise InputError(
+                f"cannot connect to cryoSPARC at {where} ({one_line(exc)}); check the address "
+                f"(--url / CRYOSPARC_BASE_URL), that the server runs, the credentials, and that "
+                f"cryosparc-tools {tools_version} matches the server's version"
+            ) from exc
 
 
 def download_particles(

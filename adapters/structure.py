@@ -1,6 +1,7 @@
 """Atomic models through gemmi: PDB / mmCIF (also gzipped) in, multi-model PDB / mmCIF out.
 
-`read_structure` keeps the first model, resolves alternative locations (first conformer kept),
+`read_structure` keeps the first model (saying so when the file holds several; ``model_index``
+picks another), resolves alternative locations (first conformer kept),
 drops waters, ligands and hydrogens unless asked, and repairs element symbols that were guessed
 from atom names in files without an element column (CHARMM-style files, whose ``CA`` would
 otherwise be calcium): in amino-acid and nucleotide residues an atom typed as a metal or unknown
@@ -10,6 +11,7 @@ takes the element of its name's first letter.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,13 +36,17 @@ def read_structure(
     keep_waters: bool = False,
     keep_ligands: bool = False,
     keep_hydrogens: bool = False,
+    model_index: int = 0,
 ) -> AtomicModel:
-    """Read the first model of a PDB or mmCIF file.
+    """Read one model (the first by default) of a PDB or mmCIF file.
 
     Parameters
     ----------
     chains : sequence of str, optional
         Keep only these chain names (author chain ids).
+    model_index : int
+        Which model of a multi-model file (NMR ensemble, trajectory) to read, 0-based; a
+        warning names the model used whenever the file holds several.
 
     Raises
     ------
@@ -56,11 +62,25 @@ def read_structure(
         raise ParticleFileError(f"{p}: not a readable PDB/mmCIF file ({err})") from err
     if len(st) == 0:
         raise ParticleFileError(f"{p}: the file holds no model")
+    if not 0 <= model_index < len(st):
+        raise ParticleFileError(
+            f"{p}: model index {model_index} does not exist; the file holds {len(st)} model(s) "
+            f"(0 to {len(st) - 1})"
+        )
+    if len(st) > 1:
+        which = "the first" if model_index == 0 else f"index {model_index}"
+        warnings.warn(
+            f"{p}: {len(st)} models; using model {model_index + 1} ({which}, MODEL "
+            f"{st[model_index].num}) and ignoring the others (to use another, save it alone, "
+            "or read_structure(..., model_index=k))",
+            UserWarning,
+            stacklevel=2,
+        )
     st.setup_entities()
     st.remove_alternative_conformations()
     if not keep_waters:
         st.remove_waters()
-    model = st[0]
+    model = st[model_index]
     xyz, elem, names, resn, resi, icode, chain_ids, rindex, bfac, occ, kind = (
         [] for _ in range(11)
     )

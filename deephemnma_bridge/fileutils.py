@@ -16,13 +16,25 @@ Example
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_path", "check_not_input"]
+__all__ = [
+    "OUTPUT_MARKER",
+    "atomic_dir",
+    "atomic_path",
+    "check_not_input",
+    "check_output_dir",
+    "claim_output_dir",
+    "file_sha256",
+    "output_owner",
+]
 
 
 @contextlib.contextmanager
@@ -39,6 +51,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    _give_user_mode(tmp, directory=False)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -48,20 +61,147 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+#: Marker file in every output folder a command writes: which command wrote it, when, from what.
+OUTPUT_MARKER = ".deephemnma-output.json"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_user_mode(path: Path, *, directory: bool) -> None:
+    """``mkstemp``/``mkdtemp`` create 0600/0700: give the mode a plain ``open``/``mkdir`` gives."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def output_owner(folder: str | os.PathLike[str]) -> str | None:
+    """The command that wrote ``folder`` (from its marker file), or None."""
+    marker = Path(folder) / OUTPUT_MARKER
+    try:
+        return str(json.loads(marker.read_text())["command"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_output_dir(
+    out: str | os.PathLike[str],
+    *,
+    command: str,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> None:
+    """Raise `InputError` unless ``out`` may be (re)written as the output folder of ``command``.
+
+    A new path or an empty folder is fine, and so is a folder this command wrote before (it has
+    our marker file). Any other existing folder needs ``overwrite``. Never allowed, even with
+    ``overwrite``: a file; the working directory or a folder above it; a folder that holds an
+    input (or is one); a RELION project (``default_pipeline.star``); the home or root folder.
+    """
+    from .errors import InputError
+
+    path = Path(out)
+    if str(out).strip() == "":
+        raise InputError(f"--out {str(out)!r}: give a new folder name for the output")
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        raise InputError(
+            f"--out {out} is an existing file; give a folder name (the output is a folder)"
+        )
+    if not path.exists():
+        return
+    where = path.resolve()
+    cwd = Path.cwd().resolve()
+    if _is_within(cwd, where):
+        raise InputError(
+            f"--out {out} is the working directory or a folder above it; it is never replaced: "
+            "give a new folder name"
+        )
+    if where == Path.home().resolve() or where == Path(where.anchor):
+        raise InputError(f"--out {out} is a home or root folder; give a new folder name")
+    for inp in inputs:
+        for candidate in {Path(inp).absolute(), Path(inp).resolve()}:
+            if _is_within(candidate, where) or _is_within(where, candidate):
+                raise InputError(
+                    f"--out {out} holds the input {inp}; it is never replaced: give a new "
+                    "folder name"
+                )
+    if (where / "default_pipeline.star").exists():
+        raise InputError(
+            f"--out {out} is a RELION project (it has default_pipeline.star); it is never "
+            f"replaced: give a new folder name, e.g. {path / 'DeepHEMNMA'}"
+        )
+    owner = output_owner(where)
+    if owner == command or not any(where.iterdir()) or overwrite:
+        return
+    what = f"the output of deephemnma {owner}" if owner else "files this command did not write"
+    raise InputError(
+        f"--out {out} already exists and holds {what}; choose a new folder, or add "
+        "--overwrite to replace it"
+    )
+
+
+def _marker_text(command: str, inputs: Sequence[str | os.PathLike[str]]) -> str:
+    marker = {
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": [str(p) for p in inputs],
+    }
+    return json.dumps(marker, indent=2) + "\n"
+
+
+def claim_output_dir(
+    out: str | os.PathLike[str],
+    *,
+    command: str,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Check ``out`` (`check_output_dir`), create it and mark it as ``command``'s output.
+
+    For commands that write into their folder as they go (``train``, ``run``): nothing in the
+    folder is deleted; a rerun of the same command finds its own marker and resumes.
+    """
+    path = Path(out)
+    check_output_dir(path, command=command, inputs=inputs, overwrite=overwrite)
+    path.mkdir(parents=True, exist_ok=True)
+    if output_owner(path) != command:
+        with atomic_path(path / OUTPUT_MARKER) as tmp:
+            tmp.write_text(_marker_text(command, inputs))
+    return path
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(
+    target: str | os.PathLike[str],
+    *,
+    command: str,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; move it onto ``target`` on success.
 
-    An existing ``target`` directory is replaced only after the new one is complete.
+    The folder gets our marker file (`OUTPUT_MARKER`, naming ``command``) and the user's umask.
+    ``target`` is checked with `check_output_dir` before and after the work: an existing folder
+    is replaced only when it may be, and only after the new one is complete.
     """
     target = Path(target)
+    check_output_dir(target, command=command, inputs=inputs, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _give_user_mode(tmp, directory=True)
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text(_marker_text(command, inputs))
+        check_output_dir(target, command=command, inputs=inputs, overwrite=overwrite)
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
+            )
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -70,6 +210,15 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_not_input(output: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> None:

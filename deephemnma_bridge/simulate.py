@@ -32,6 +32,7 @@ output does not depend on the device or on how the caller consumes chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -91,6 +92,12 @@ class SimulationConfig:
     chunk_size: int = 256
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(
+                    f"simulation setting {f.name} must be a finite number, got {value}"
+                )
         if self.n_particles < 1:
             raise InputError(f"--n must be >= 1, got {self.n_particles}")
         if self.snr <= 0 or not math.isfinite(self.snr):

@@ -3,13 +3,20 @@
 Used by ``align`` and ``predict``: each rank takes a contiguous slice of the particles
 (``np.array_split``), keeps its results in ``OUT.partial/rank<r>_of_<w>.npz`` (saved
 atomically every ``checkpoint_every`` particles), and rank 0 merges all slices in input order.
-A rerun of the same command resumes; a rerun with other settings is refused.
+A rerun of the same command resumes; a rerun with other settings, or with an input file that
+changed since (size, modification time, or the particles' identity and order: `input_identity`),
+is refused with a message saying how to start afresh (``--restart``). An interrupted run keeps
+every particle finished before the interruption (`guard`); a run that fails before finishing
+any particle removes the partial folder it created.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,47 @@ import torch
 from ..errors import InputError
 from ..fileutils import atomic_path
 
-__all__ = ["ShardedRun"]
+__all__ = ["ShardedRun", "check_images", "input_identity"]
+
+
+def input_identity(path: str | os.PathLike[str], table: Any) -> dict[str, Any]:
+    """What identifies an input particle file: its size and modification time, and a hash of
+    its particles' image names (and uids) in order, so a re-sorted or edited file is caught."""
+    p = Path(path)
+    st = p.stat()
+    digest = hashlib.sha256()
+    digest.update(np.asarray(table.image_indices, dtype=np.int64).tobytes())
+    digest.update("\n".join(map(str, table.image_paths)).encode())
+    if getattr(table, "uids", None) is not None:
+        digest.update(np.asarray(table.uids).astype(np.uint64).tobytes())
+    return {
+        "path": str(p.resolve()),
+        "size_bytes": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "particles_sha256": digest.hexdigest(),
+    }
+
+
+def check_images(images: Any, table: Any) -> None:
+    """Read the last image of every stack once: a missing, unreadable or too short stack fails
+    here, before any expensive set-up, not hours into the run."""
+    order = np.lexsort((-np.asarray(table.image_indices), np.asarray(table.image_paths, dtype=str)))
+    paths = np.asarray(table.image_paths, dtype=str)[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = paths[1:] != paths[:-1]
+    rows = order[first]
+    for start in range(0, len(rows), 256):
+        images.read(rows[start : start + 256])
+    images.close()
+
+
+def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _changed(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 class ShardedRun:
@@ -39,6 +86,8 @@ class ShardedRun:
         Chooses the process-group backend (nccl on CUDA, gloo otherwise).
     checkpoint_every : int
         `store` saves the state after at least this many new particles.
+    restart : bool
+        Discard a partial run left by an earlier command instead of resuming it.
     """
 
     def __init__(
@@ -49,6 +98,8 @@ class ShardedRun:
         settings: dict[str, Any],
         device: torch.device,
         checkpoint_every: int = 512,
+        *,
+        restart: bool = False,
     ) -> None:
         if checkpoint_every < 1:
             raise InputError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
@@ -62,17 +113,30 @@ class ShardedRun:
         self.fields = fields
         self.mine = np.array_split(np.arange(n), self.world)[self.rank]
         self.partial = out.with_name(out.name + ".partial")
+        settings_file = self.partial / "settings.json"
+        if self.rank == 0 and restart and self.partial.is_dir():
+            self._remove_partial()
+        self.barrier()
+        self.created = not self.partial.exists()
         self.partial.mkdir(parents=True, exist_ok=True)
         wanted = json.loads(json.dumps(settings, default=str))
-        settings_file = self.partial / "settings.json"
         if self.rank == 0 and not settings_file.exists():
             with atomic_path(settings_file) as tmp:
                 tmp.write_text(json.dumps(wanted, indent=2))
         self.barrier()
-        if json.loads(settings_file.read_text()) != wanted:
+        try:
+            recorded = json.loads(settings_file.read_text())
+        except (OSError, ValueError) as exc:
             raise InputError(
-                f"{self.partial} holds a run with other settings; rerun with the same options "
-                f"to resume, or delete {self.partial}"
+                f"{settings_file} is unreadable ({exc}); add --restart to start afresh"
+            ) from None
+        if recorded != wanted:
+            changed = ", ".join(_changed(recorded, wanted)[:6])
+            raise InputError(
+                f"{self.partial} holds an unfinished run with other options or inputs (changed: "
+                f"{changed}); resuming it would put its results on the wrong particles. Rerun "
+                "with the original options and input files to resume, or add --restart to "
+                "discard it and start afresh"
             )
         self.state_file = self.partial / f"rank{self.rank}_of_{self.world}.npz"
         k = len(self.mine)
@@ -80,8 +144,46 @@ class ShardedRun:
         for name, (shape, dtype) in fields.items():
             self.state[name] = np.zeros((k, *shape), dtype=dtype)
         if self.state_file.exists():
-            with np.load(self.state_file) as saved:
-                self.state = {name: saved[name] for name in self.state}
+            try:
+                with np.load(self.state_file) as saved:
+                    loaded = {name: saved[name] for name in self.state}
+            except (OSError, ValueError, KeyError) as exc:
+                raise InputError(
+                    f"{self.state_file} is unreadable ({exc}); add --restart to start afresh"
+                ) from None
+            if any(loaded[k].shape != self.state[k].shape for k in self.state):
+                raise InputError(
+                    f"{self.state_file} does not match this run's particles; add --restart to "
+                    "start afresh"
+                )
+            self.state = loaded
+
+    def _remove_partial(self, *, strict: bool = True) -> None:
+        """Remove the files a sharded run writes (settings, rank states), then the folder if
+        empty: a folder with anything else in it is not ours and stays (an error if strict)."""
+        for f in self.partial.iterdir():
+            if f.name == "settings.json" or (f.name.startswith("rank") and f.suffix == ".npz"):
+                f.unlink()
+        with contextlib.suppress(OSError):
+            self.partial.rmdir()
+        if strict and self.partial.exists():
+            raise InputError(
+                f"{self.partial} holds files a deephemnma run did not write; move them away"
+            )
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Around the work loop: an interruption (Ctrl-C, RELION's abort) or an error keeps the
+        particles finished so far; a run that finished nothing removes the folder it created."""
+        try:
+            yield
+        except BaseException:
+            if self.state["done"].any():
+                self.checkpoint()
+            elif self.created and self.rank == 0 and self.world == 1:
+                with contextlib.suppress(OSError):
+                    self._remove_partial(strict=False)
+            raise
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -127,8 +229,6 @@ class ShardedRun:
     def close(self, *, success: bool) -> None:
         """Remove the partial folder (rank 0, on success) and leave the process group."""
         if success and self.rank == 0:
-            for f in self.partial.iterdir():
-                f.unlink()
-            self.partial.rmdir()
+            self._remove_partial(strict=False)
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--modes", type=Path, required=True, help="modes .npz (deephemnma modes / simulate)")
     p("--use-modes", type=_ints, default=[7, 8, 9], help="mode numbers (default 7,8,9)")
     p("--out", type=Path, required=True, help="output folder")
+    p(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder that this command did not write",
+    )
     p(
         "--template",
         choices=["residues", "nodes", "atoms"],
@@ -102,6 +106,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     p("--batch-size", type=int, default=64, help="particles aligned at once (64)")
     p("--checkpoint-every", type=int, default=512, help="particles between checkpoints")
+    p(
+        "--restart",
+        action="store_true",
+        help="discard an unfinished earlier run (OUT.partial) instead of resuming it",
+    )
     p("--relion-version", choices=["3.0", "3.1"], default="3.1", help="STAR flavour")
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
 
@@ -194,7 +203,6 @@ def build_reference(
 def main(args: argparse.Namespace) -> int:
     """Align; return 0."""
     import torch
-    from tqdm import tqdm
 
     from ..adapters import ParticleImages, read_particles, write_particles
     from ..adapters.images import portable_image_paths
@@ -202,11 +210,14 @@ def main(args: argparse.Namespace) -> int:
     from ..alignment.hemnma import SearchLibrary, align_batch, mahalanobis_outliers
     from ..conventions import matrix_to_euler
     from ..device import resolve_device
-    from ..fileutils import atomic_dir, check_not_input
+    from ..fileutils import atomic_dir, check_not_input, check_output_dir, file_sha256
     from ..preprocess import PreprocessConfig, preprocess_images
-    from ._sharded import ShardedRun
+    from ..progress import progress
+    from ._sharded import ShardedRun, check_images, input_identity
 
     check_not_input(args.out, args.particles, args.modes)
+    inputs = (args.particles, args.modes)
+    check_output_dir(args.out, command="align", inputs=inputs, overwrite=args.overwrite)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     table = read_particles(args.particles)
@@ -227,11 +238,16 @@ def main(args: argparse.Namespace) -> int:
     work_pixel = pixel * box / working
     device = resolve_device(args.device)
     config = _config(args)
-    reference, template, final_reference = _reference(args, box * pixel, device)
     images = ParticleImages(table)
+    check_images(images, table)  # missing stacks fail now, not after the set-up
+    from ..nma import NormalModes
+
+    modes_id = NormalModes.load(args.modes).fingerprint()
+    reference, template, final_reference = _reference(args, box * pixel, device)
     settings = {
-        "particles": str(args.particles),
+        "particles": input_identity(args.particles, table),
         "modes": str(args.modes),
+        "modes_sha256": file_sha256(args.modes),
         "use_modes": args.use_modes,
         "template": template,
         "final_template": "atoms" if final_reference is not None else template,
@@ -248,51 +264,51 @@ def main(args: argparse.Namespace) -> int:
         "cost": ((), np.float64),
         "converged": ((), np.bool_),
     }
-    run = ShardedRun(args.out, n, fields, settings, device, args.checkpoint_every)
+    run = ShardedRun(
+        args.out, n, fields, settings, device, args.checkpoint_every, restart=args.restart
+    )
     mine, todo = run.mine, run.todo
     prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
-    bar = tqdm(
-        total=len(mine),
+    bar = progress(
+        len(mine),
         initial=len(mine) - len(todo),
-        desc=f"align[{run.rank}]",
-        unit="particle",
-        file=sys.stderr,
-        disable=None,
+        desc=f"align[{run.rank}]" if run.world > 1 else "align",
     )
-    library = None
-    if args.poses == "search" and len(todo):  # the reference's projections, once per run
-        library = SearchLibrary.build(reference, config, working, work_pixel, device)
-    t0 = time.perf_counter()
-    for start in range(0, len(todo), args.batch_size):
-        local = todo[start : start + args.batch_size]
-        rows = mine[local]
-        raw = torch.as_tensor(images.read(rows), device=device)
-        ctf_raw = CTFParams.from_table(table, rows, device=device)
-        x = preprocess_images(raw, pixel_size_angstrom=pixel, config=prep)
-        rot = shifts = None
-        if table.rotation_matrices is not None and args.poses != "search":
-            rot = torch.as_tensor(table.rotation_matrices[rows], device=device)
-            shifts = torch.as_tensor(table.shifts_angstrom[rows], device=device)
-        result = align_batch(
-            x,
-            ctf_raw,
-            reference,
-            config,
-            pixel_size_angstrom=work_pixel,
-            rotations=rot,
-            shifts_angstrom=shifts,
-            final_reference=final_reference,
-            library=library,
-        )
-        run.store(
-            local,
-            amplitudes=result.amplitudes,
-            rotations=result.rotations,
-            shifts=result.shifts_angstrom,
-            cost=result.cost,
-            converged=result.converged,
-        )
-        bar.update(len(rows))
+    with run.guard():
+        library = None
+        if args.poses == "search" and len(todo):  # the reference's projections, once per run
+            library = SearchLibrary.build(reference, config, working, work_pixel, device)
+        t0 = time.perf_counter()
+        for start in range(0, len(todo), args.batch_size):
+            local = todo[start : start + args.batch_size]
+            rows = mine[local]
+            raw = torch.as_tensor(images.read(rows), device=device)
+            ctf_raw = CTFParams.from_table(table, rows, device=device)
+            x = preprocess_images(raw, pixel_size_angstrom=pixel, config=prep)
+            rot = shifts = None
+            if table.rotation_matrices is not None and args.poses != "search":
+                rot = torch.as_tensor(table.rotation_matrices[rows], device=device)
+                shifts = torch.as_tensor(table.shifts_angstrom[rows], device=device)
+            result = align_batch(
+                x,
+                ctf_raw,
+                reference,
+                config,
+                pixel_size_angstrom=work_pixel,
+                rotations=rot,
+                shifts_angstrom=shifts,
+                final_reference=final_reference,
+                library=library,
+            )
+            run.store(
+                local,
+                amplitudes=result.amplitudes,
+                rotations=result.rotations,
+                shifts=result.shifts_angstrom,
+                cost=result.cost,
+                converged=result.converged,
+            )
+            bar.update(len(rows))
     bar.close()
     elapsed = time.perf_counter() - t0
     merged = run.merge()
@@ -305,6 +321,7 @@ def main(args: argparse.Namespace) -> int:
         f"dhnAmplitude{k}": amplitudes[:, j] for j, k in enumerate(args.use_modes)
     }
     columns["dhnCost"] = cost
+    columns["dhnModes"] = np.full(n, modes_id, dtype=object)  # which modes: predict/analyze check
     columns["dhnConverged"] = converged.astype(np.int64)
     outliers = None
     if args.outliers is not None:
@@ -313,7 +330,7 @@ def main(args: argparse.Namespace) -> int:
         columns["dhnOutlier"] = outliers.astype(np.int64)
     out_table = table.with_poses(rotations, shifts_all).with_extra(**columns)
     out_table = portable_image_paths(out_table)  # reachable from the output folder too
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, command="align", inputs=inputs, overwrite=args.overwrite) as tmp:
         write_particles(out_table, tmp / "particles.star", relion_version=args.relion_version)
         write_particles(out_table, tmp / "particles.cs")
         if outliers is not None:

@@ -37,6 +37,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
     p("particles", type=Path, help="STAR or .cs with _dhnAmplitude<mode> columns")
     p("--out", type=Path, required=True, help="output folder")
+    p(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder that this command did not write",
+    )
     p("--modes", type=Path, default=None, help="modes .npz, for centroid models and trajectories")
     p("--components", type=int, choices=[2, 3], default=2)
     p("--space", type=Path, default=None, help="project into this saved pca.npz instead of fitting")
@@ -175,10 +180,12 @@ def main(args: argparse.Namespace) -> int:
         select_expression,
         select_polygon,
     )
-    from ..fileutils import atomic_dir, check_not_input
+    from ..fileutils import atomic_dir, check_not_input, check_output_dir
     from .train import amplitude_columns
 
     check_not_input(args.out, args.particles)
+    inputs = (args.particles,)
+    check_output_dir(args.out, command="analyze", inputs=inputs, overwrite=args.overwrite)
     table = read_particles(args.particles)
     modes = amplitude_columns(table.extra)
     if not modes:
@@ -187,6 +194,12 @@ def main(args: argparse.Namespace) -> int:
             "`deephemnma align` or `deephemnma predict`"
         )
     amps = np.stack([np.asarray(table.extra[f"dhnAmplitude{m}"], dtype=float) for m in modes], 1)
+    if args.modes is not None:  # checked now, not after the analysis
+        from ..nma import NormalModes, check_modes_match
+
+        loaded = NormalModes.load(args.modes)
+        for recorded in sorted({str(v) for v in table.extra.get("dhnModes", [])}):
+            check_modes_match(loaded, recorded, args.modes, f"{args.particles} was aligned with")
     if args.space is not None:
         space = ConformationalSpace.load(args.space)
         if list(space.mode_numbers) != modes:
@@ -232,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
     if "dhnSource" in table.extra:
         counts = pd.Series(np.asarray(table.extra["dhnSource"]).astype(str)).value_counts()
         report.append("- sources: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, command="analyze", inputs=inputs, overwrite=args.overwrite) as tmp:
         write_particles(result, tmp / "particles.star", relion_version=args.relion_version)
         write_particles(result, tmp / "particles.cs")
         space.save(tmp / "pca.npz")
@@ -270,9 +283,9 @@ def main(args: argparse.Namespace) -> int:
             write_particles(result.mask(selection), tmp / "selection.cs")
             report += ["", f"Selection: {int(selection.sum())} particles -> selection.star"]
         if args.modes is not None:
-            from ..nma import NormalModes, deform_atoms
+            from ..nma import deform_atoms
 
-            nm = NormalModes.load(args.modes)
+            nm = loaded
             sel_modes = nm.select(modes)
             model, owner = _atomic_model(nm)
             (tmp / "models").mkdir()

@@ -1,11 +1,13 @@
 """Run the pipeline on a cryoSPARC job's particles and publish the results as an External job.
 
-Connects with cryosparc-tools (credentials from CRYOSPARC_BASE_URL, CRYOSPARC_EMAIL,
-CRYOSPARC_PASSWORD, or a stored `python -m cryosparc.tools login`), loads output --output of
-job --job, runs `deephemnma run` in --work (with the project directory as working directory,
-so the particles' blob paths resolve), and creates an External job in workspace --workspace
-with the particles (new alignments3D poses, one components_mode_<m> slot per mode with its
-amplitude) and one output per group, other slots passed through.
+Connects with cryosparc-tools: the server's web address from --url or CRYOSPARC_BASE_URL (or
+CRYOSPARC_MASTER_HOSTNAME + CRYOSPARC_BASE_PORT), the login from --email / CRYOSPARC_EMAIL and
+CRYOSPARC_PASSWORD or a stored `python -m cryosparc.tools login --url URL` (cryosparc-tools 4.x
+also needs CRYOSPARC_LICENSE_ID); what is missing is said before connecting. It loads output
+--output of job --job, runs `deephemnma run` in --work (with the project directory as working
+directory, so the particles' blob paths resolve), and creates an External job in workspace
+--workspace with the particles (new alignments3D poses, one components_mode_<m> slot per mode
+with its amplitude) and one output per group, other slots passed through.
 
 Offline, everything works on exported .cs files: `deephemnma run --particles J42_particles.cs`.
 
@@ -39,19 +41,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--epochs", type=int, default=None)
     p("--device", default=None)
     p("--title", default="DeepHEMNMA", help="title of the External job")
+    p("--url", default=None, help="cryoSPARC web address (default: $CRYOSPARC_BASE_URL)")
+    p("--email", default=None, help="cryoSPARC login email (default: $CRYOSPARC_EMAIL)")
 
 
-def connect() -> Any:  # pragma: no cover - needs a server
-    """A `cryosparc.tools.CryoSPARC` from the environment or a stored login."""
-    from cryosparc.tools import CryoSPARC
+def connect(url: str | None = None, email: str | None = None) -> Any:
+    """A `cryosparc.tools.CryoSPARC` from --url / --email, the environment or a stored login;
+    `InputError` (one line) when something is missing or the server cannot be reached."""
+    from ..adapters.cryosparc_online import connect as connect_server
 
-    try:
-        return CryoSPARC()
-    except (ValueError, RuntimeError) as exc:
-        raise InputError(
-            f"cannot connect to cryoSPARC ({exc}); set CRYOSPARC_BASE_URL, CRYOSPARC_EMAIL "
-            "and CRYOSPARC_PASSWORD, or run `python -m cryosparc.tools login --url URL`"
-        ) from exc
+    return connect_server(url=url, email=email)
 
 
 def run_online(args: argparse.Namespace, cs: Any) -> str:
@@ -92,8 +91,17 @@ def run_online(args: argparse.Namespace, cs: Any) -> str:
     )
 
 
-def main(args: argparse.Namespace) -> int:  # pragma: no cover - needs a server
+def main(args: argparse.Namespace) -> int:
     """Connect and run; return 0."""
-    uid = run_online(args, connect())
+    from ..adapters.cryosparc_online import one_line, server_errors
+
+    cs = connect(getattr(args, "url", None), getattr(args, "email", None))
+    try:
+        uid = run_online(args, cs)
+    except server_errors() as exc:
+        raise InputError(
+            f"cryoSPARC {args.project}: the server call failed ({one_line(exc)}); the local "
+            f"files in {args.work} are kept, rerun the same command to resume"
+        ) from exc
     print(f"published the results as {args.project} {uid}")
     return 0

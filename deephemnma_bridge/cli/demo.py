@@ -24,6 +24,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``deephemnma demo``."""
     p = parser.add_argument
     p("--out", type=Path, default=Path("demo_out"), help="output folder (demo_out)")
+    p(
+        "--overwrite",
+        action="store_true",
+        help="use an existing --out folder that this command did not write",
+    )
     p("--n", type=int, default=1500, help="particles simulated (1500)")
     p("--n-train", type=int, default=600, help="of which aligned by HEMNMA for training (600)")
     p("--epochs", type=int, default=25, help="network epochs at most (25)")
@@ -41,10 +46,11 @@ def main(args: argparse.Namespace) -> int:
     """Simulate, run the pipeline, report; return 0."""
     import warnings
 
+    from ..fileutils import claim_output_dir
     from . import main as cli_main
     from .run import DEFAULTS, run_pipeline
 
-    out: Path = args.out
+    out: Path = claim_output_dir(args.out, command="demo", overwrite=args.overwrite)
     sim = out / "simulated"
     if not (sim / "particles.star").exists():
         print(f"[simulate] {args.n} particles -> {sim}", flush=True)

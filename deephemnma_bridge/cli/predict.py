@@ -24,7 +24,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("particles", type=Path, help="RELION .star or cryoSPARC .cs")
     p("--checkpoint", type=Path, nargs="+", required=True, help="folder(s) or .pt file(s)")
     p("--out", type=Path, required=True, help="output folder")
+    p(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder that this command did not write",
+    )
     p("--modes", type=Path, default=None, help="modes .npz: adds _dhnCost (and --refine)")
     p(
         "--refine",
@@ -67,6 +71,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="DataLoader workers (-1: auto, 0 on a CPU, up to 4 with a GPU)",
     )
     p("--checkpoint-every", type=int, default=2048, help="particles between checkpoints")
+    p(
+        "--restart",
+        action="store_true",
+        help="discard an unfinished earlier run (OUT.partial) instead of resuming it",
+    )
     p("--relion-version", choices=["3.0", "3.1"], default="3.1")
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
 
@@ -98,29 +107,39 @@ def fallback_threshold(args: argparse.Namespace, aligned: Any) -> float | None:
     return float(np.percentile(costs, 99))
 
 
+def _checkpoint_sha256(path: Path) -> str:
+    from ..fileutils import file_sha256
+
+    return file_sha256(path / "best.pt" if path.is_dir() else path)
+
+
 def main(args: argparse.Namespace) -> int:
     """Predict; return 0."""
     import pandas as pd
     import torch
-    from tqdm import tqdm
 
     from ..adapters import ParticleImages, read_particles, write_particles
     from ..adapters.images import portable_image_paths
     from ..device import loader_workers, resolve_device
-    from ..fileutils import atomic_dir, check_not_input
+    from ..fileutils import atomic_dir, check_not_input, check_output_dir, file_sha256
     from ..preprocess import PreprocessConfig, preprocess_images
+    from ..progress import progress
     from ..training.data import CTF_FIELDS, ParticleBatches, ctf_from_rows
     from ..training.targets import TargetSpec, decode
     from ..training.trainer import load_checkpoint
-    from ._sharded import ShardedRun
+    from ._sharded import ShardedRun, check_images, input_identity
 
     check_not_input(args.out, args.particles, *args.checkpoint)
+    in_files = (args.particles, *args.checkpoint)
+    in_files += tuple(f for f in (args.modes, args.hemnma) if f is not None)
+    check_output_dir(args.out, command="predict", inputs=in_files, overwrite=args.overwrite)
     if args.refine and args.modes is None:
         raise InputError("--refine needs --modes (the modes file the network was trained with)")
     table = read_particles(args.particles)
     n = len(table)
     if n == 0:
         raise InputError(f"{args.particles}: no particles")
+    check_images(ParticleImages(table), table)  # missing stacks fail now, not after set-up
     device = resolve_device(args.device)
     nets: list[tuple[Any, dict[str, Any], TargetSpec]] = []
     for path in args.checkpoint:
@@ -169,6 +188,14 @@ def main(args: argparse.Namespace) -> int:
 
         if not modes:
             raise InputError("--modes needs a network that predicts amplitudes")
+        from ..nma import NormalModes, check_modes_match
+
+        loaded_modes = NormalModes.load(args.modes)
+        for path, (_, meta, _) in zip(args.checkpoint, nets, strict=True):
+            if meta.get("modes_fingerprint"):
+                check_modes_match(
+                    loaded_modes, meta["modes_fingerprint"], args.modes, f"{path} was trained on"
+                )
         reference, _, final_reference = build_reference(
             args.modes, modes, box_angstrom=box * pixel, device=device
         )
@@ -185,13 +212,16 @@ def main(args: argparse.Namespace) -> int:
         "fallback": ((), np.bool_),
     }
     settings = {
-        "particles": str(args.particles),
-        "checkpoints": [str(c) for c in args.checkpoint],
+        "particles": input_identity(args.particles, table),
+        "checkpoints": {str(c): _checkpoint_sha256(c) for c in args.checkpoint},
         "modes": str(args.modes),
+        "modes_sha256": None if args.modes is None else file_sha256(args.modes),
         "refine": args.refine,
         "fallback_cost": threshold,
     }
-    run = ShardedRun(args.out, n, fields, settings, device, args.checkpoint_every)
+    run = ShardedRun(
+        args.out, n, fields, settings, device, args.checkpoint_every, restart=args.restart
+    )
     todo_local = run.todo  # positions in this rank's slice
     todo = run.mine[todo_local]
     data = ParticleBatches(ParticleImages(table), todo, ctf[todo])
@@ -205,20 +235,17 @@ def main(args: argparse.Namespace) -> int:
         num_workers=loader_workers(args.workers, device),
         pin_memory=device.type == "cuda",
     )
-    bar = tqdm(
-        total=len(run.mine),
+    bar = progress(
+        len(run.mine),
         initial=len(run.mine) - len(todo),
-        desc=f"predict[{run.rank}]",
-        unit="particle",
-        file=sys.stderr,
-        disable=None,
+        desc=f"predict[{run.rank}]" if run.world > 1 else "predict",
     )
     preps = [PreprocessConfig.from_dict(meta["preprocess"]) for _, meta, _ in nets]
     align_prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
     library: Any = None  # HEMNMA's search library, built at the first fallback
     t0 = time.perf_counter()
     amp = device.type == "cuda"
-    with torch.no_grad():
+    with torch.no_grad(), run.guard():
         for images, _, c, pos in stream:
             local = todo_local[pos.numpy()]
             rows = run.mine[local]
@@ -323,11 +350,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"{int(found.sum())} particle(s) keep their HEMNMA values from {args.hemnma}")
     columns: dict[str, Any] = {f"dhnAmplitude{m}": amplitudes[:, j] for j, m in enumerate(modes)}
     columns["dhnSource"] = source
+    trained_on = {str(meta.get("modes_fingerprint")) for _, meta, _ in nets} - {"None"}
+    if modes and len(trained_on) == 1:
+        columns["dhnModes"] = np.full(n, trained_on.pop(), dtype=object)
     if args.modes is not None or aligned is not None:
         columns["dhnCost"] = cost_all
     result = table.with_poses(rotations, shifts_all).with_extra(**columns)
     result = portable_image_paths(result)  # reachable from the output folder too
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, command="predict", inputs=in_files, overwrite=args.overwrite) as tmp:
         write_particles(result, tmp / "particles.star", relion_version=args.relion_version)
         write_particles(result, tmp / "particles.cs")
     run.close(success=True)

@@ -59,7 +59,12 @@ DEFAULTS: dict[str, Any] = {
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``deephemnma run`` (each also a --config key)."""
     p = parser.add_argument
-    p("--out", type=Path, required=True, help="output folder")
+    p("--out", type=Path, required=True, help="output folder (a rerun resumes in it)")
+    p(
+        "--overwrite",
+        action="store_true",
+        help="use an existing --out folder that this command did not write",
+    )
     p("--config", type=Path, default=None, help="TOML file with any of the options below")
     p("--particles", default=None, help="RELION .star or cryoSPARC .cs")
     p("--model", default=None, help="PDB/mmCIF model or MRC map (modes are computed)")
@@ -101,6 +106,54 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--relion-version", choices=["3.0", "3.1"], default=None)
 
 
+_INT_KEYS = frozenset(
+    {"n_modes", "n_train", "seed", "align_working_size", "epochs", "size", "batch_size"}
+    | {"min_count", "n_groups", "refine", "workers"}
+)
+_FLOAT_KEYS = frozenset({"outliers", "search_step"})
+_BOOL_KEYS = frozenset({"augment"})
+_CHOICES = {
+    "preset": ("paper", "fast"),
+    "groups": ("bins", "kmeans", "gmm", "none"),
+    "relion_version": ("3.0", "3.1"),
+}
+
+
+def checked_config(loaded: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The values of a --config file, each checked against its option's type: one line naming
+    the key and what it should be, instead of a failure deep in a stage."""
+    out: dict[str, Any] = {}
+    for key, value in loaded.items():
+
+        def bad(what: str, key: str = key, value: Any = value) -> InputError:
+            return InputError(f"--config {path}: {key} = {value!r}: expected {what}")
+
+        if key in _INT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad("an integer")
+        elif key in _FLOAT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad("a number")
+            value = float(value)
+        elif key in _BOOL_KEYS:
+            if not isinstance(value, bool):
+                raise bad("true or false")
+        elif key == "use_modes" and isinstance(value, list):
+            if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise bad("a list of mode numbers, e.g. [7, 8, 9], or a string '7,8,9'")
+        elif key == "relion_version" and isinstance(value, float):
+            value = f"{value:.1f}"
+        elif not isinstance(value, str):
+            raise bad("a string (in quotes)")
+        if isinstance(value, str):
+            if value.startswith("-"):
+                raise bad("a value, not an option (it starts with '-')")
+            if key in _CHOICES and value not in _CHOICES[key]:
+                raise bad(f"one of {', '.join(_CHOICES[key])}")
+        out[key] = value
+    return out
+
+
 def options_from(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the --config file, then the command line."""
     opts = dict(DEFAULTS)
@@ -108,7 +161,11 @@ def options_from(args: argparse.Namespace) -> dict[str, Any]:
         if not args.config.is_file():
             raise InputError(f"--config {args.config}: no such file")
         try:
-            loaded = tomllib.loads(args.config.read_text())
+            loaded = tomllib.loads(args.config.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"--config {args.config}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"--config {args.config}: not valid TOML ({exc})") from exc
         unknown = sorted(set(loaded) - set(DEFAULTS))
@@ -117,7 +174,7 @@ def options_from(args: argparse.Namespace) -> dict[str, Any]:
                 f"--config {args.config}: unknown key(s) {', '.join(unknown)}; known: "
                 f"{', '.join(DEFAULTS)}"
             )
-        opts.update(loaded)
+        opts.update(checked_config(loaded, args.config))
     for key in DEFAULTS:
         value = getattr(args, key, None)
         if value is not None:
@@ -136,30 +193,45 @@ def _stage(
     inputs: list[Path],
 ) -> None:
     """Run ``deephemnma argv`` into the folder of ``done`` unless it already finished with the
-    same argv after its ``inputs`` last changed.
+    same argv and unchanged ``inputs`` (their modification times are recorded).
 
-    A finished stage whose options or inputs changed starts afresh (its folder is removed); an
-    interrupted one (no record yet) keeps its folder, so the command resumes.
+    A stage whose options or inputs changed starts afresh: a finished one's folder is removed,
+    an interrupted one is restarted (``--restart`` for align/predict, whose partial results
+    would otherwise land on the wrong particles). An interrupted stage with the same options and
+    inputs resumes.
     """
     from . import main as cli_main
 
     record = out / "stages" / f"{name}.json"
-    finished = record.is_file() and done.exists()
-    if finished:
-        newest_input = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
-        if json.loads(record.read_text()) == argv and newest_input <= done.stat().st_mtime:
-            log(f"[{name}] up to date, skipped")
-            return
-        record.unlink()
-        shutil.rmtree(done.parent)
+    state = {
+        "argv": argv,
+        "inputs": {str(p): p.stat().st_mtime_ns for p in inputs if p.exists()},
+    }
+    try:
+        old = json.loads(record.read_text()) if record.is_file() else None
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):  # absent, unreadable, or an older list-of-argv record
+        old = None if old is None else {"argv": old, "inputs": None, "finished": done.exists()}
+    same = old is not None and old["argv"] == argv and old["inputs"] == state["inputs"]
+    if same and old is not None and old.get("finished") and done.exists():
+        log(f"[{name}] up to date, skipped")
+        return
+    restart = []
+    if old is not None and not same:
+        if done.parent.is_dir() and done.parent != out:
+            shutil.rmtree(done.parent)  # this run's own stage folder, with outdated results
+        if argv[0] in ("align", "predict"):
+            restart = ["--restart"]
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({**state, "finished": False}))
     log(f"[{name}] deephemnma {' '.join(argv)}")
-    code = cli_main(argv)
+    code = cli_main(argv + restart)
     if code == 130:
         raise KeyboardInterrupt
     if code != 0:
         raise InputError(f"stage {name} failed (exit code {code}); see the message above")
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(argv))
+    record.write_text(json.dumps({**state, "finished": True}))
 
 
 def run_pipeline(
@@ -324,7 +396,13 @@ def run_pipeline(
 
 def main(args: argparse.Namespace) -> int:
     """Run the pipeline; return 0."""
+    from ..fileutils import claim_output_dir
+
     opts = options_from(args)
+    inputs = [opts[k] for k in ("particles", "model", "modes") if opts.get(k)]
+    if args.config is not None:
+        inputs.append(args.config)
+    claim_output_dir(args.out, command="run", inputs=inputs, overwrite=args.overwrite)
     outputs = run_pipeline(opts, args.out, log=lambda s: print(s, flush=True))
     print(
         f"done: particles with poses, amplitudes, PCs and groups in "

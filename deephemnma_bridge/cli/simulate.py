@@ -28,7 +28,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from numpy.typing import NDArray
 
 from ..device import resolve_device
 from ..errors import InputError
-from ..fileutils import atomic_dir
+from ..fileutils import atomic_dir, check_output_dir
+from ..progress import progress
 from ..simulate import (
     SimulationConfig,
     SimulationModel,
@@ -66,7 +68,12 @@ def _mode_list(text: str) -> list[int]:
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``deephemnma simulate``."""
     p = parser.add_argument
-    p("--out", required=True, type=Path, metavar="DIR", help="output folder (replaced atomically)")
+    p("--out", required=True, type=Path, metavar="DIR", help="output folder (written atomically)")
+    p(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder that this command did not write",
+    )
     p("--model", type=Path, help="PDB/mmCIF reference (default: bundled 4AKE chain A)")
     p("--modes", type=Path, help="modes .npz from `deephemnma modes` (default: computed, ANM)")
     p("--use-modes", type=_mode_list, default=[7, 8, 9], help="mode numbers (default 7,8,9)")
@@ -166,10 +173,41 @@ def _save_modes(modes: Any, path: Path, centre: NDArray[np.float64]) -> None:
     dataclasses.replace(modes, **changes).save(path)
 
 
+def check_room_for_output(out: Path, config: SimulationConfig) -> None:
+    """Refuse before any work when the stack cannot fit on the disk or the ground truth in memory.
+
+    Disk: the float32 stack plus ~1 kB of STAR/.cs per particle. Memory: the drawn truth
+    (rotation, shifts, amplitudes, CTF: ~0.5 kB per particle, generously) must fit in half of
+    the memory available now.
+    """
+    from ..errors import InputError
+
+    n = config.n_particles
+    disk = n * (4 * config.box_size_px**2 + 1024) + 1024
+    memory = n * 512
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if disk > free:
+        raise InputError(
+            f"--n {n}: the stack and tables need about {disk / 1e9:.1f} GB but {folder} has "
+            f"{free / 1e9:.1f} GB free; simulate fewer particles or write elsewhere"
+        )
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return
+    if memory > available // 2:
+        raise InputError(
+            f"--n {n}: the ground truth alone needs about {memory / 1e9:.1f} GB of memory and "
+            f"{available / 1e9:.1f} GB is available; simulate fewer particles per run"
+        )
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the simulation; return 0."""
     import torch
-    from tqdm import tqdm
 
     from ..adapters import write_particles
     from ..adapters.images import StackWriter
@@ -196,6 +234,9 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         chunk_size=max(1, args.chunk_size),
     )
+    inputs = tuple(x for x in (args.modes, args.model) if x is not None)
+    check_output_dir(args.out, command="simulate", inputs=inputs, overwrite=args.overwrite)
+    check_room_for_output(args.out, config)
     device = resolve_device(args.device)
     modes, atoms, owner = _load_modes(args)
     if args.render == "atoms" and (atoms is None or owner is None):
@@ -214,19 +255,16 @@ def main(args: argparse.Namespace) -> int:
     truth = draw_truth(config, model)
     check_simulation(config, model, truth)
     stats = SimulationStats()
-    with torch.no_grad(), atomic_dir(args.out) as tmp:
+    with (
+        torch.no_grad(),
+        atomic_dir(args.out, command="simulate", inputs=inputs, overwrite=args.overwrite) as tmp,
+    ):
         with StackWriter(
             tmp / "particles.mrcs",
             box_size_px=config.box_size_px,
             pixel_size_angstrom=config.pixel_size_angstrom,
         ) as writer:
-            bar = tqdm(
-                total=config.n_particles,
-                desc="simulate",
-                unit="particle",
-                file=sys.stderr,
-                disable=None,
-            )
+            bar = progress(config.n_particles, desc="simulate")
             for chunk in simulate_images(config, model, truth, device=device):
                 writer.append(chunk.images)
                 stats.add(chunk)

@@ -37,6 +37,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
     p("aligned", type=Path, help="STAR or .cs with poses and _dhnAmplitude<mode> columns")
     p("--out", type=Path, required=True, help="output folder (checkpoints, curves)")
+    p(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder that this command did not write",
+    )
     p("--target", choices=["all", "amplitudes", "orientation", "shifts"], default="all")
     p("--preset", choices=["paper", "fast"], default="paper")
     p("--epochs", type=int, default=None)
@@ -84,11 +89,13 @@ def main(args: argparse.Namespace) -> int:
     """Train; return 0."""
     from ..adapters import ParticleImages, read_particles
     from ..device import resolve_device
-    from ..fileutils import check_not_input
+    from ..fileutils import check_not_input, check_output_dir, claim_output_dir
     from ..training.data import CTF_FIELDS
     from ..training.trainer import config_from_preset, train
 
     check_not_input(args.out, args.aligned)
+    inputs = (args.aligned,)
+    check_output_dir(args.out, command="train", inputs=inputs, overwrite=args.overwrite)
     weights: tuple[tuple[str, float], ...] | None = None
     if args.loss_weights:
         try:
@@ -144,7 +151,14 @@ def main(args: argparse.Namespace) -> int:
         else None
     )
     ctf = np.stack([np.asarray(getattr(table, f), dtype=float) for f in CTF_FIELDS], axis=1)
-    args.out.mkdir(parents=True, exist_ok=True)
+    ids = sorted({str(v) for v in table.extra.get("dhnModes", [])})
+    if len(ids) > 1:
+        raise InputError(
+            f"{args.aligned}: particles aligned with different modes files ({', '.join(ids)}); "
+            "train on particles aligned with one modes file"
+        )
+    modes_id = ids[0] if ids else None
+    claim_output_dir(args.out, command="train", inputs=inputs, overwrite=args.overwrite)
     summary = train(
         ParticleImages(table),
         ctf,
@@ -159,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
         config=config,
         out=args.out,
         device=resolve_device(args.device),
-        extra_meta={"source": str(args.aligned)},
+        extra_meta={"source": str(args.aligned), "modes_fingerprint": modes_id},
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

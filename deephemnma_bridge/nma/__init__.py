@@ -4,10 +4,17 @@ See `modes` for the conventions (1-based numbering, modes 1-6 rigid, unit-norm v
 """
 
 from .deform import deform, deform_atoms
-from .modes import NormalModes, collectivity, compute_normal_modes, rigid_body_basis
+from .modes import (
+    NormalModes,
+    check_modes_match,
+    collectivity,
+    compute_normal_modes,
+    rigid_body_basis,
+)
 
 __all__ = [
     "NormalModes",
+    "check_modes_match",
     "collectivity",
     "compute_normal_modes",
     "deform",

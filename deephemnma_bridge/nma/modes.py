@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_CUTOFF_ANGSTROM",
     "FloppyNetworkError",
     "NormalModes",
+    "check_modes_match",
     "collectivity",
     "compute_normal_modes",
     "fix_signs",
@@ -159,6 +160,13 @@ class NormalModes:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
+    def fingerprint(self) -> str:
+        """``"<nodes>:<radius of gyration, Å>"``: which network the modes belong to, unchanged by
+        translation (simulate saves modes centred) and by recomputing the same modes."""
+        xyz = np.asarray(self.coordinates, dtype=np.float64)
+        rg = float(np.sqrt(((xyz - xyz.mean(axis=0)) ** 2).sum(axis=1).mean()))
+        return f"{len(xyz)}:{rg:.3f}"
+
     @classmethod
     def load(cls, path: str | Path) -> NormalModes:
         """Read a file written by `save` (or any ``.npz`` with the five required arrays)."""
@@ -169,6 +177,17 @@ class NormalModes:
             data = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: not a modes .npz file ({exc})") from exc
+        try:
+            return cls._from_npz(path, data)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(
+                f"{path}: not a usable modes file ({exc}); write it with `deephemnma modes`"
+            ) from None
+
+    @classmethod
+    def _from_npz(cls, path: Path, data: Any) -> NormalModes:
         with data:
             required = ("coordinates", "eigenvalues", "vectors", "mode_numbers", "collectivity")
             missing = [k for k in required if k not in data.files]
@@ -193,6 +212,23 @@ class NormalModes:
                 )
             except ValueError as exc:
                 raise InputError(f"{path}: inconsistent modes file ({exc})") from exc
+
+
+def check_modes_match(modes: NormalModes, recorded: str, modes_path: Any, what: str) -> None:
+    """Raise `InputError` when ``recorded`` (a `NormalModes.fingerprint`) is not ``modes``'s.
+
+    Same node count and radii of gyration within 0.05 Å (a few 0.001 Å of rounding) match."""
+    ours = modes.fingerprint()
+    try:
+        n_rec, rg_rec = recorded.split(":")
+        same = int(n_rec) == modes.n_nodes and abs(float(rg_rec) - float(ours.split(":")[1])) < 0.05
+    except ValueError:
+        same = False
+    if not same:
+        raise InputError(
+            f"--modes {modes_path} is not the modes file {what} used (nodes:radius of gyration "
+            f"{ours} here, {recorded} there); give the modes file of the same model"
+        )
 
 
 def collectivity(

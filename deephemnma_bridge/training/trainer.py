@@ -149,10 +149,23 @@ def load_checkpoint(path: str | Path) -> tuple[DeepHEMNMANet, dict[str, Any]]:
         raise InputError(f"{p}: not a deephemnma checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or "meta" not in payload or "model" not in payload:
         raise InputError(f"{p}: not a deephemnma checkpoint (no model/meta)")
-    meta = json.loads(payload["meta"])
-    spec = TargetSpec.from_dict(meta["target"])
-    model = DeepHEMNMANet(spec.n_outputs, dropout=float(meta["train"].get("dropout", 0.5)))
-    model.load_state_dict(payload["model"])
+    try:
+        meta = json.loads(payload["meta"])
+        spec = TargetSpec.from_dict(meta["target"])
+        missing = [
+            k
+            for k in ("box_size_px", "pixel_size_angstrom", "preprocess", "train")
+            if k not in meta
+        ]
+        if missing:
+            raise KeyError(", ".join(missing))
+        model = DeepHEMNMANet(spec.n_outputs, dropout=float(meta["train"].get("dropout", 0.5)))
+        model.load_state_dict(payload["model"])
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise InputError(
+            f"{p}: damaged checkpoint metadata or weights ({type(exc).__name__}: {exc}); "
+            "use another checkpoint (last.pt) or train again"
+        ) from None
     model.eval()
     return model, meta
 
