@@ -5,7 +5,8 @@ Each subcommand module has a docstring (its help text), ``add_args(parser)`` and
 Errors caused by the user's input (`DeepHEMNMAError`) and file-system errors (`OSError`:
 permissions, read-only folder, full disk) are printed as one line and give exit code 2; any other
 exception is a bug: one line, exit code 1, and the full traceback in a file whose path the line
-gives (``DEEPHEMNMA_DEBUG=1`` raises it instead). Modules are imported only when their command runs, so ``--help`` stays fast.
+gives (``DEEPHEMNMA_DEBUG=1`` raises it instead). Modules are imported only when their command
+runs, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
