@@ -54,11 +54,11 @@ def read_cryosparc_particles(path: str | os.PathLike[str], **kwargs: Any) -> Par
     return read(path, **kwargs)
 
 
-def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]) -> None:
+def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]) -> list[str]:
     """See `deephemnma_bridge.adapters.cryosparc.write_cryosparc_particles`."""
     from .cryosparc import write_cryosparc_particles as write
 
-    write(table, path)
+    return write(table, path)
 
 
 def read_particles(path: str | os.PathLike[str], **kwargs: Any) -> ParticleTable:
@@ -74,12 +74,15 @@ def read_particles(path: str | os.PathLike[str], **kwargs: Any) -> ParticleTable
 
 def write_particles(
     table: ParticleTable, path: str | os.PathLike[str], *, relion_version: str = "3.1"
-) -> None:
-    """Write ``table`` as ``.star`` (RELION ``relion_version``, default 3.1+) or ``.cs``."""
+) -> list[str]:
+    """Write ``table`` as ``.star`` (RELION ``relion_version``, default 3.1+) or ``.cs``.
+
+    Returns notes on the values the target format cannot hold and where they went (side files
+    ``<stem>_dhn.csv`` / ``<stem>_dhn.cs``, ``rln/<label>`` fields), for the user.
+    """
     if _kind(path) == ".star":
-        write_relion_particles(table, path, relion_version=relion_version)
-    else:
-        write_cryosparc_particles(table, path)
+        return write_relion_particles(table, path, relion_version=relion_version)
+    return write_cryosparc_particles(table, path)
 
 
 def require_poses(table: ParticleTable, path: str | os.PathLike[str]) -> None:

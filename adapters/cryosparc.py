@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from cryosparc.dataset import Dataset
+from numpy.lib.recfunctions import repack_fields
 from numpy.typing import NDArray
 
 from deephemnma_bridge.conventions import matrix_to_rotvec, rotvec_to_matrix
@@ -46,8 +47,11 @@ from deephemnma_bridge.particles import ParticleTable, SourceRows
 
 __all__ = [
     "find_passthrough",
+    "load_records",
     "read_cryosparc_particles",
+    "save_records",
     "stable_uids",
+    "star_unmapped_fields",
     "write_cryosparc_particles",
 ]
 
@@ -106,6 +110,59 @@ def find_passthrough(path: Path) -> list[Path]:
     job, output = match.groups()
     candidate = path.with_name(f"{job}_passthrough_{output}{path.suffix}")
     return [candidate] if candidate.is_file() else []
+
+
+# .cs fields the STAR writer turns into STAR columns (the others travel in <stem>_dhn.cs)
+STAR_FIELDS = frozenset(
+    {
+        "uid",
+        "blob/path",
+        "blob/idx",
+        "blob/shape",
+        "blob/psize_A",
+        "ctf/exp_group_id",
+        "ctf/accel_kv",
+        "ctf/cs_mm",
+        "ctf/amp_contrast",
+        "ctf/df1_A",
+        "ctf/df2_A",
+        "ctf/df_angle_rad",
+        "ctf/phase_shift_rad",
+        "ctf/bfactor",
+        "alignments3D/pose",
+        "alignments3D/shift",
+        "alignments3D/psize_A",
+        "alignments3D/split",
+        "alignments3D/class",
+        "location/micrograph_path",
+    }
+)
+# field of a <stem>_dhn.cs side file: the rlnImageName the STAR file got, to see what changed
+STAR_NAME_FIELD = "star/rlnImageName"
+
+
+def star_unmapped_fields(records: NDArray[Any]) -> list[str]:
+    """Fields of ``records`` that no STAR column holds (kept in a side file by the STAR writer)."""
+    return [
+        f
+        for f in records.dtype.names or ()
+        if f not in STAR_FIELDS and not f.startswith(("dhn/", "rln/", "rlnoptics/", "star/"))
+    ]
+
+
+def load_records(path: str | os.PathLike[str]) -> NDArray[Any]:
+    """All rows of a ``.cs`` file (numpy or CSDAT format) as a structured array."""
+    return _load(Path(path))
+
+
+def save_records(
+    records: NDArray[Any], path: str | os.PathLike[str], *, star_names: NDArray[Any]
+) -> None:
+    """Write ``records`` plus the STAR image names they got (``star/rlnImageName``), atomically."""
+    ds = Dataset(records)
+    _set(ds, STAR_NAME_FIELD, "O", np.asarray([str(v) for v in star_names], dtype=object))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        ds.save(fh)
 
 
 def _load(path: Path) -> NDArray[Any]:
@@ -215,6 +272,21 @@ def read_cryosparc_particles(
                 "(or pass the passthrough file that has it)"
             )
     _check_finite(p, records)
+    idx = np.asarray(records["blob/idx"])
+    if idx.dtype.kind not in "iu":
+        bad = ~np.isfinite(idx.astype(np.float64)) | (idx != np.round(idx)) | (idx < 0)
+        if idx.dtype.kind not in "f" or bad.any():
+            row = int(np.flatnonzero(bad)[0]) if idx.dtype.kind == "f" else 0
+            raise ParticleFileError(
+                f"{p}: field blob/idx of row {row + 1} (uid {records['uid'][row]}) is "
+                f"{idx[row]!r}, not an image number (0, 1, 2, ...); fix the file that wrote it"
+            )
+    elif idx.dtype.kind == "i" and (idx < 0).any():
+        row = int(np.flatnonzero(idx < 0)[0])
+        raise ParticleFileError(
+            f"{p}: field blob/idx of row {row + 1} (uid {records['uid'][row]}) is {idx[row]}, "
+            "negative; fix the file that wrote it"
+        )
 
     def f(name: str, default: float) -> NDArray[np.float64]:
         col = _field(records, name)
@@ -329,31 +401,140 @@ def _records_from_fields(table: ParticleTable) -> Dataset:
     ds["ctf/df_angle_rad"] = np.deg2rad(table.defocus_angle_degrees)
     ds["ctf/phase_shift_rad"] = np.deg2rad(table.phase_shift_degrees)
     ds["ctf/bfactor"] = table.bfactor_angstrom2
-    src = table.source
-    if src is not None and src.format in ("relion30", "relion31"):
-        _carry_star_columns(ds, src)
     return ds
 
 
-def _carry_star_columns(ds: Dataset, src: SourceRows) -> None:
-    """Every STAR column with no cryoSPARC field becomes a ``rln/<label>`` field."""
+# STAR columns the STAR writer makes from .cs fields: not carried again when the .cs rows are
+# known (side file <stem>_dhn.cs), since those rows give them back exactly
+FROM_CS = STAR_MAPPED | {
+    "rlnMicrographName",
+    "rlnCoordinateX",
+    "rlnCoordinateY",
+    "rlnOpticsGroupName",
+    "rlnImageDimensionality",
+}
+
+
+def _carry_star_columns(ds: Dataset, src: SourceRows) -> list[str]:
+    """Every STAR column becomes a ``rln/<label>`` field, every optics column ``rlnoptics/<label>``.
+
+    The mapped ones too (``rln/rlnAngleRot``...): the STAR writer puts back the value as read
+    where the .cs field still agrees with it (same Euler triplet, same digits). With the .cs
+    rows of a side file, only columns that did not come from the .cs are carried. Returns the
+    labels carried that no .cs field holds.
+    """
     rows: pd.DataFrame = src.rows
-    columns = {c: rows[c] for c in rows.columns if c not in STAR_MAPPED}
+    skip = FROM_CS if src.cs_records is not None else frozenset()
+    columns = {f"rln/{c}": rows[c] for c in rows.columns if not c.startswith("dhn")}
     if src.optics is not None and "rlnOpticsGroup" in rows.columns:
         by_group = src.optics.set_index("rlnOpticsGroup")
+        groups = rows["rlnOpticsGroup"].to_numpy()
+        columns["rlnoptics/rlnOpticsGroup"] = rows["rlnOpticsGroup"]
         for c in by_group.columns:
-            if c not in STAR_MAPPED and c not in columns:
-                columns[c] = by_group[c].reindex(rows["rlnOpticsGroup"].to_numpy())
-    for label, series in columns.items():
-        if label.startswith("dhn"):
+            columns[f"rlnoptics/{c}"] = by_group[c].reindex(groups)
+    existing = set(ds.fields())
+    unmapped: list[str] = []
+    for name, series in columns.items():
+        label = name.split("/", 1)[1]
+        if label in skip or name in existing:
             continue
+        if label not in STAR_MAPPED and label not in unmapped:
+            unmapped.append(label)
         values = series.to_numpy()
         if values.dtype.kind in "iuf":
-            ds.add_fields([(f"rln/{label}", values.dtype.str)])
-            ds[f"rln/{label}"] = values
+            ds.add_fields([(name, values.dtype.str)])
+            ds[name] = values
         else:
-            ds.add_fields([(f"rln/{label}", "O")])
-            ds[f"rln/{label}"] = np.asarray([str(v) for v in values], dtype=object)
+            ds.add_fields([(name, "O")])
+            ds[name] = np.asarray([str(v) for v in values], dtype=object)
+    return unmapped
+
+
+def _changed_rows(a: NDArray[Any], b: NDArray[Any], tol: Any) -> NDArray[np.bool_]:
+    diff = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    return np.asarray(diff.reshape(len(diff), -1).max(axis=1) > tol, dtype=bool)
+
+
+def _put(ds: Dataset, name: str, dtype: str, values: NDArray[Any], changed: NDArray[Any]) -> None:
+    """Set field ``name`` to ``values`` on the ``changed`` rows only (all when it is new)."""
+    values = np.asarray(values)
+    if name not in ds.fields():
+        _set(ds, name, dtype, values, tuple(values.shape[1:]))
+    elif changed.any():
+        column = np.array(ds[name], copy=True)
+        column[changed] = values[changed].astype(column.dtype)
+        ds[name] = column
+
+
+def _from_records(table: ParticleTable, records: NDArray[Any]) -> Dataset:
+    """The .cs rows ``records`` with the values of ``table`` that differ from them."""
+    names = records.dtype.names or ()
+    keep = [f for f in names if not f.startswith("star/")]
+    ds = Dataset(repack_fields(records[keep]) if len(keep) < len(names) else records)
+    src = table.source
+    if src is not None and STAR_NAME_FIELD in names and "rlnImageName" in src.rows.columns:
+        written = _text(np.asarray(records[STAR_NAME_FIELD]))
+        moved = src.rows["rlnImageName"].astype(str).to_numpy() != written
+    else:
+        moved = np.ones(len(table), dtype=bool)
+    if moved.any():
+        _put(ds, "blob/path", "O", np.asarray(table.image_paths, dtype=object), moved)
+        _put(ds, "blob/idx", "<u4", table.image_indices, moved)
+    before = _table_values(records)
+    n = len(table)
+    for field, dtype, value in (
+        ("ctf/df1_A", "<f4", table.defocus_u_angstrom),
+        ("ctf/df2_A", "<f4", table.defocus_v_angstrom),
+        ("ctf/df_angle_rad", "<f4", np.deg2rad(table.defocus_angle_degrees)),
+        ("ctf/phase_shift_rad", "<f4", np.deg2rad(table.phase_shift_degrees)),
+        ("ctf/bfactor", "<f4", table.bfactor_angstrom2),
+    ):
+        old = before.get(field)
+        changed = (
+            np.ones(n, dtype=bool)
+            if old is None
+            else _changed_rows(old, value, 1e-6 * (1 + np.abs(value)))
+        )
+        if old is not None or np.any(value != 0):
+            _put(ds, field, dtype, value, changed)
+    return ds
+
+
+def _table_values(records: NDArray[Any]) -> dict[str, NDArray[np.float64]]:
+    """Float fields of ``records`` as the reader converts them (for change detection)."""
+    names = records.dtype.names or ()
+    return {
+        f: np.asarray(records[f], dtype=np.float64)
+        for f in names
+        if f.startswith("ctf/") and records.dtype[f].kind == "f"
+    }
+
+
+def _write_poses(ds: Dataset, table: ParticleTable, records: NDArray[Any] | None) -> None:
+    """3D poses where they changed (all when the rows had none), as cryoSPARC stores them."""
+    if table.rotation_matrices is None:
+        return
+    n = len(table)
+    psize = table.pixel_size_angstrom
+    changed = np.ones(n, dtype=bool)
+    names = () if records is None else records.dtype.names or ()
+    if "alignments3D/pose" in names and records is not None:
+        old = rotvec_to_matrix(np.asarray(records["alignments3D/pose"], dtype=np.float64))
+        changed = _changed_rows(old, table.rotation_matrices, 1e-5)
+        if "alignments3D/shift" in names:
+            align = (
+                np.asarray(records["alignments3D/psize_A"], dtype=np.float64)
+                if ("alignments3D/psize_A" in names)
+                else psize
+            )
+            align = np.where(align > 0, align, psize)
+            shift = np.asarray(records["alignments3D/shift"], dtype=np.float64) * align[:, None]
+            changed |= _changed_rows(shift, table.shifts_angstrom, 1e-4)
+        else:
+            changed[:] = True
+    _put(ds, "alignments3D/pose", "<f4", matrix_to_rotvec(table.rotation_matrices), changed)
+    _put(ds, "alignments3D/shift", "<f4", table.shifts_angstrom / psize[:, None], changed)
+    _put(ds, "alignments3D/psize_A", "<f4", psize, changed)
 
 
 def _set(
@@ -364,31 +545,43 @@ def _set(
     ds[name] = values
 
 
-def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]) -> None:
+def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]) -> list[str]:
     """Write ``table`` as a cryoSPARC ``.cs`` (numpy format), keeping every field it did not change.
 
-    Poses go to ``alignments3D/pose`` / ``shift`` (pixels of ``blob/psize_A``) / ``psize_A``;
-    ``table.extra`` values to ``dhn/<label>`` fields. Written atomically, never over the input.
+    Poses go to ``alignments3D/pose`` / ``shift`` (pixels of ``blob/psize_A``) / ``psize_A`` on
+    the rows whose pose changed (an unchanged pose keeps its exact vector); ``table.extra``
+    values to ``dhn/<label>`` fields. Written atomically, never over the input. Returns notes on
+    what could not get a .cs field of its own and where it went.
     """
     out = Path(path)
     src = table.source
     if src is not None and src.path:
         check_not_input(out, src.path)
+    notes: list[str] = []
+    records: NDArray[Any] | None = None
     if src is not None and src.format == "cryosparc":
-        ds = Dataset(src.rows)
+        records = src.rows
+        ds = Dataset(records)
+    elif src is not None and src.cs_records is not None:
+        records = src.cs_records
+        ds = _from_records(table, src.cs_records)
     else:
         ds = _records_from_fields(table)
+    if src is not None and src.format in ("relion30", "relion31"):
+        unmapped = _carry_star_columns(ds, src)
+        if unmapped:
+            shown = ", ".join(unmapped)
+            notes.append(
+                f"{len(unmapped)} STAR column(s) without a .cs field ({shown}) kept as "
+                f"rln/<label> fields in {out}"
+            )
     n = len(table)
-    if table.rotation_matrices is not None:
-        psize = table.pixel_size_angstrom
-        _set(ds, "alignments3D/pose", "<f4", matrix_to_rotvec(table.rotation_matrices), (3,))
-        _set(ds, "alignments3D/shift", "<f4", table.shifts_angstrom / psize[:, None], (2,))
-        _set(ds, "alignments3D/psize_A", "<f4", psize)
-        if src is None or src.format != "cryosparc":
-            if table.half_set is not None:
-                _set(ds, "alignments3D/split", "<u4", np.clip(table.half_set - 1, 0, None))
-            if table.class_number is not None:
-                _set(ds, "alignments3D/class", "<u4", np.clip(table.class_number - 1, 0, None))
+    _write_poses(ds, table, records)
+    if table.rotation_matrices is not None and records is None:
+        if table.half_set is not None:
+            _set(ds, "alignments3D/split", "<u4", np.clip(table.half_set - 1, 0, None))
+        if table.class_number is not None:
+            _set(ds, "alignments3D/class", "<u4", np.clip(table.class_number - 1, 0, None))
     for key, values in table.extra.items():
         if key == "dhnCsUid":
             continue
@@ -403,3 +596,4 @@ def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]
         raise ValueError(f"internal error: {len(ds)} rows for {n} particles")
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         ds.save(fh)
+    return notes

@@ -31,6 +31,7 @@ from deephemnma_bridge.particles import ParticleTable
 __all__ = [
     "ParticleImages",
     "StackWriter",
+    "check_mrc_header",
     "open_stack",
     "path_from_cwd",
     "portable_image_paths",
@@ -96,8 +97,51 @@ def portable_image_paths(table: ParticleTable) -> ParticleTable:
     return table.replace(image_paths=new[codes], search_dirs=search)
 
 
+# bytes per voxel of the MRC modes a particle stack can have
+_MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+
+
+def check_mrc_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """``(nz, ny, nx)`` from an MRC header; `ParticleFileError` when it cannot be an MRC stack.
+
+    Checks what mrcfile's permissive mode would let through: a file shorter than the 1024-byte
+    header, non-positive sizes, an unknown data mode, or fewer data bytes than the header
+    announces (a truncated stack).
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            head = fh.read(1024)
+    except OSError as err:
+        raise ParticleFileError(f"{p}: cannot read the image stack ({err})") from err
+    if len(head) < 1024:
+        raise ParticleFileError(
+            f"{p}: {size} bytes, shorter than an MRC header (1024 bytes); not an image stack or a "
+            "truncated copy: copy it again"
+        )
+    for order in ("<", ">"):
+        nx, ny, nz, mode = np.frombuffer(head[:16], dtype=f"{order}i4").tolist()
+        if mode in _MODE_BYTES and 0 < nx < 1 << 20 and 0 < ny < 1 << 20 and 0 < nz < 1 << 31:
+            break
+    else:
+        raise ParticleFileError(
+            f"{p}: not an MRC image stack (header sizes {nx} x {ny} x {nz}, mode {mode}); check "
+            "the image name in the particle file"
+        )
+    extended = int(np.frombuffer(head[92:96], dtype=f"{order}i4")[0])
+    needed = 1024 + max(extended, 0) + nx * ny * nz * _MODE_BYTES[mode]
+    if size < needed:
+        raise ParticleFileError(
+            f"{p}: the header announces {nz} images of {nx} x {ny} ({needed} bytes) but the file "
+            f"has {size} bytes: truncated stack; copy it again"
+        )
+    return nz, ny, nx
+
+
 def open_stack(path: Path) -> Any:
     """``mrcfile.mmap`` read-only; permissive (with a warning) when the header is non-standard."""
+    check_mrc_header(path)
     try:
         return mrcfile.mmap(path, mode="r")
     except ValueError as err:
@@ -116,7 +160,11 @@ def open_stack(path: Path) -> Any:
 
 
 def read_stack_header(path: str | os.PathLike[str]) -> tuple[int, int, int, float]:
-    """``(n_images, ny, nx, pixel size Å along x)`` of an MRC stack (or single image)."""
+    """``(n_images, ny, nx, pixel size Å along x)`` of an MRC stack (or single image).
+
+    Raises `ParticleFileError` (naming the file) for a corrupt or too-short header.
+    """
+    check_mrc_header(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with mrcfile.mmap(path, mode="r", permissive=True) as mrc:

@@ -16,7 +16,13 @@ verbatim) and replaces only the poses (``rlnAngleRot/Tilt/Psi``), the origins an
 columns. A table that did not come from a STAR file is written from its fields. 3.1+ output
 (readable by RELION 3.1, 4.0 and 5.0) has ``# version 30001`` tags and origins in Å; 3.0 output
 has one loop with 3.0 labels only, origins in pixels, optics values per particle, and our values
-plus any label RELION 3.0 does not know in the side file ``<stem>_dhn.csv``.
+plus any label RELION 3.0 does not know in the side file ``<stem>_dhn.csv`` (read back with the
+file). Values nobody changed keep their value as read (Euler triplets, pixel origins, image
+names); labels our writer had to make up are listed in a ``# deephemnma generated:`` comment and
+left out again on the way back. A STAR written from a ``.cs`` keeps the ``.cs`` rows in
+``<stem>_dhn.cs``; a ``.cs`` written from a STAR carries every STAR column (``rln/``,
+``rlnoptics/`` fields), so either round trip gives back the original exactly. A table without
+``data_optics`` but with 3.1 labels (``rlnOriginXAngst``, ``rlnOpticsGroup``) is read as 3.1.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from deephemnma_bridge.fileutils import atomic_path, check_not_input
 from deephemnma_bridge.particles import ParticleTable, SourceRows
 
 from .images import read_stack_header, resolve_stack
-from .star import read_star_blocks, write_star_blocks
+from .star import GENERATED_TAG, read_generated_labels, read_star_blocks, write_star_blocks
 
 __all__ = ["read_relion_particles", "write_relion_particles"]
 
@@ -88,6 +94,7 @@ CTF_DEFAULTS = {
     "rlnPhaseShift": 0.0,
 }
 SIDE_SUFFIX = "_dhn.csv"
+CS_SIDE_SUFFIX = "_dhn.cs"
 # labels that belong in data_optics (used when a .cs carries STAR columns as rln/ fields)
 OPTICS_LABELS = frozenset(
     {
@@ -109,6 +116,48 @@ OPTICS_LABELS = frozenset(
 )
 
 
+# labels that hold numbers: a value that is not one is an error naming the row and column
+NUMERIC_LABELS = frozenset(
+    {
+        *ANGLES,
+        *ORIGINS_A,
+        *ORIGINS_PX,
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnPhaseShift",
+        "rlnCtfBfactor",
+        "rlnCtfScalefactor",
+        "rlnVoltage",
+        "rlnSphericalAberration",
+        "rlnAmplitudeContrast",
+        "rlnImagePixelSize",
+        "rlnImageSize",
+        "rlnImageDimensionality",
+        "rlnOpticsGroup",
+        "rlnRandomSubset",
+        "rlnClassNumber",
+        "rlnMagnification",
+        "rlnDetectorPixelSize",
+        "rlnCoordinateX",
+        "rlnCoordinateY",
+        "rlnCoordinateZ",
+        "rlnBeamTiltX",
+        "rlnBeamTiltY",
+        "rlnMicrographOriginalPixelSize",
+        "rlnGroupNumber",
+    }
+)
+# labels that go to data_optics when a 3.0 table (optics values per particle) becomes 3.1
+OPTICS_MOVE = (
+    (frozenset(OPTICS_30) - {"rlnMagnification", "rlnDetectorPixelSize"})
+    | OPTICS_LABELS
+    | {"rlnImagePixelSize", "rlnImageSize", "rlnMicrographPixelSize"}
+)
+# labels that say a table without data_optics is RELION 3.1+ (INTEROP 1.4)
+LABELS_31_PARTICLES = ("rlnOriginXAngst", "rlnOriginYAngst", "rlnOpticsGroup")
+
+
 def _side_file(path: Path) -> Path:
     return path.with_name(path.stem + SIDE_SUFFIX)
 
@@ -126,7 +175,18 @@ def _pick_particle_block(path: Path, blocks: dict[str, Any]) -> tuple[str, pd.Da
 
 
 def _check_values(path: Path, df: pd.DataFrame, table: str) -> None:
-    """NaN (also from truncated rows) or inf anywhere -> error naming the row and column."""
+    """NaN (also from truncated rows), inf or text in a number column -> error naming row/column."""
+    for col in df.columns:
+        if col in NUMERIC_LABELS and not pd.api.types.is_numeric_dtype(df[col]):
+            values = df[col].astype(str)
+            bad = pd.to_numeric(values, errors="coerce").isna() & ~values.str.lower().eq("nan")
+            if bool(bad.any()):
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                raise ParticleFileError(
+                    f"{path}: table {table!r} row {row + 1} column {col} is {values.iloc[row]!r}, "
+                    "not a number; fix or remove that row"
+                )
+            df[col] = pd.to_numeric(values)
     missing = df.isna().to_numpy()
     if missing.any():
         row, col = np.argwhere(missing)[0]
@@ -219,9 +279,13 @@ def read_relion_particles(
     blocks = read_star_blocks(p)
     name, particles = _pick_particle_block(p, blocks)
     optics = blocks.get("optics")
-    fmt: Literal["relion30", "relion31"] = "relion31" if optics is not None else "relion30"
     if not isinstance(optics, pd.DataFrame):
         optics = None
+    # 3.1+ by its optics table, or by its labels when the optics table is missing (origins in Å)
+    labels_31 = [c for c in LABELS_31_PARTICLES if c in particles.columns]
+    fmt: Literal["relion30", "relion31"] = (
+        "relion31" if optics is not None or labels_31 else "relion30"
+    )
     if "rlnImageName" not in particles.columns:
         raise ParticleFileError(
             f"{p}: table {name!r} has no rlnImageName column; a particle file names each "
@@ -229,7 +293,21 @@ def read_relion_particles(
         )
     if len(particles) == 0:
         raise ParticleFileError(f"{p}: table {name!r} has no particles")
+    particles = particles.copy()
     _check_values(p, particles, name)
+    side_labels: tuple[str, ...] = ()
+    side_extra: dict[str, NDArray[Any]] = {}
+    side = _side_file(p)
+    if fmt == "relion30" and side.is_file():
+        values = _read_side_file(side, particles["rlnImageName"])
+        side_labels = tuple(c for c in values.columns if c not in particles.columns)
+        for c in values.columns:
+            if c.startswith("dhn"):
+                side_extra[c] = values[c].to_numpy()
+            elif c in side_labels:
+                particles[c] = values[c].to_numpy()
+        side_labels = tuple(c for c in side_labels if not c.startswith("dhn"))
+        _check_values(side, particles, name)
     if optics is not None:
         _check_values(p, optics, "optics")
         if "rlnOpticsGroup" not in particles.columns or "rlnOpticsGroup" not in optics.columns:
@@ -242,6 +320,8 @@ def read_relion_particles(
                 f"{p}: row {row + 1} uses optics group {groups[row]}, which the optics table "
                 "does not define; add it to data_optics or fix rlnOpticsGroup"
             )
+    elif "rlnOpticsGroup" in particles.columns:  # 3.1 without data_optics, or 3.0 + side file
+        groups = particles["rlnOpticsGroup"].to_numpy(dtype=np.int64)
     else:
         groups = _optics_groups_30(particles)
     cols = _Columns(particles, optics, groups)
@@ -257,6 +337,12 @@ def read_relion_particles(
     elif fmt == "relion30" and cols.has("rlnDetectorPixelSize"):
         mag = cols.get("rlnMagnification", 10000.0)  # RELION 3.0's default magnification
         psize = 1e4 * cols.get("rlnDetectorPixelSize") / mag
+    elif fmt == "relion31" and optics is None:
+        raise ParticleFileError(
+            f"{p}: a RELION 3.1+ table (it has {', '.join(labels_31)}) without its data_optics "
+            "block, so no pixel size; add the optics block or give the pixel size with "
+            "pixel_size_angstrom= / --pixel-size"
+        )
     else:
         raise ParticleFileError(
             f"{p}: no pixel size (rlnImagePixelSize in data_optics, or rlnDetectorPixelSize and "
@@ -276,6 +362,11 @@ def read_relion_particles(
         shifts = np.stack([cols.get(a, 0.0) for a in ORIGINS_A], axis=1)
     else:
         shifts = np.stack([cols.get(a, 0.0) for a in ORIGINS_PX], axis=1) * psize[:, None]
+        if all(a in particles.columns for a in ORIGINS_A):  # Å from the side file, if still valid
+            angst = np.stack([cols.get(a) for a in ORIGINS_A], axis=1)
+            # (RELION writes both rounded to 6 decimals: they agree to ~1e-6 px)
+            same = (np.abs(angst - shifts) <= 1e-5 * psize[:, None] + 1e-9).all(axis=1)
+            shifts = np.where(same[:, None], angst, shifts)
 
     # box size: rlnImageSize, else 0 (unknown until the stack is opened)
     box = np.asarray(cols.get("rlnImageSize", 0.0))
@@ -296,9 +387,10 @@ def read_relion_particles(
     for col in particles.columns:
         if col.startswith("dhn"):
             extra[col] = particles[col].to_numpy()
-    side = _side_file(p)
-    if fmt == "relion30" and side.is_file():
-        extra.update(_read_side_file(side, particles["rlnImageName"]))
+    extra.update(side_extra)
+    cs_records = None
+    if "dhnCsUid" in extra:
+        cs_records = _read_cs_side_file(p, pd.Series(extra["dhnCsUid"]))
     other = {k: v for k, v in blocks.items() if k not in (name, "optics")}
     return ParticleTable(
         image_paths=paths,
@@ -329,6 +421,9 @@ def read_relion_particles(
             optics=optics,
             other_blocks=other,
             path=str(p),
+            generated=read_generated_labels(p),
+            side_labels=side_labels,
+            cs_records=cs_records,
         ),
         search_dirs=tuple(str(d) for d in search),
     )
@@ -343,17 +438,56 @@ def _box_from_stack(stack: str, search_dirs: list[str]) -> int:
     return nx if n_img and ny == nx else 0
 
 
-def _read_side_file(side: Path, image_names: pd.Series) -> dict[str, NDArray[Any]]:
-    values = pd.read_csv(side, keep_default_na=False)
+def _row_keys(names: pd.Series) -> pd.Series:
+    """``name#k`` (k-th row with that image name): unique even for symmetry-expanded files."""
+    names = pd.Series(names.astype(str).to_numpy())
+    return names + "#" + names.groupby(names).cumcount().astype(str)
+
+
+def _read_side_file(side: Path, image_names: pd.Series) -> pd.DataFrame:
+    """The side file's columns (all of them), aligned with ``image_names``."""
+    try:
+        values = pd.read_csv(side, keep_default_na=False)
+    except (ValueError, OSError) as err:
+        raise ParticleFileError(f"{side}: unreadable side file ({err})") from err
     if "rlnImageName" not in values.columns:
         raise ParticleFileError(f"{side}: side file without an rlnImageName column")
-    values = values.set_index("rlnImageName")
-    missing = ~image_names.isin(values.index)
+    values.index = pd.Index(_row_keys(values["rlnImageName"]))
+    keys = _row_keys(image_names)
+    missing = ~keys.isin(values.index)
     if bool(missing.any()):
-        first = image_names[missing].iloc[0]
-        raise ParticleFileError(f"{side}: no row for particle {first}; delete the stale side file")
-    aligned = values.reindex(image_names.to_numpy())
-    return {c: aligned[c].to_numpy() for c in aligned.columns if c.startswith("dhn")}
+        row = int(np.flatnonzero(missing.to_numpy())[0])
+        raise ParticleFileError(
+            f"{side}: no row for particle {image_names.iloc[row]} (row {row + 1}); delete the "
+            "stale side file"
+        )
+    aligned = values.reindex(keys.to_numpy()).reset_index(drop=True)
+    return aligned.drop(columns=["rlnImageName"])
+
+
+def _read_cs_side_file(path: Path, uid_column: pd.Series) -> Any:
+    """The ``.cs`` rows saved next to a STAR written from a ``.cs`` (``<stem>_dhn.cs``), aligned."""
+    side = path.with_name(path.stem + CS_SIDE_SUFFIX)
+    if not side.is_file():
+        return None
+    from .cryosparc import load_records
+
+    records = load_records(side)
+    uids = pd.to_numeric(uid_column.astype(str), errors="coerce")
+    if bool(uids.isna().any()):
+        row = int(np.flatnonzero(uids.isna().to_numpy())[0])
+        raise ParticleFileError(f"{path}: row {row + 1} dhnCsUid is not a cryoSPARC uid")
+    wanted = np.asarray(uids.to_numpy(), dtype=np.uint64)
+    order = np.argsort(records["uid"])
+    pos = np.clip(np.searchsorted(records["uid"], wanted, sorter=order), 0, max(len(order) - 1, 0))
+    found = len(order) > 0 and records["uid"][order[pos]] == wanted
+    if not np.all(found):
+        row = int(np.flatnonzero(~np.asarray(found, dtype=bool))[0]) if len(order) else 0
+        raise ParticleFileError(
+            f"{side}: no row for uid {wanted[row]} (row {row + 1} of {path}); delete the stale "
+            "side file"
+        )
+    return records[order[pos]]
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -387,7 +521,7 @@ def _optics_from_fields(table: ParticleTable) -> pd.DataFrame:
 
 
 def _carried_star_columns(table: ParticleTable) -> dict[str, NDArray[Any]]:
-    """STAR columns a .cs carries as ``rln/<label>`` fields (written by our .cs writer)."""
+    """STAR columns a .cs carries as ``rln/<label>`` fields (our .cs writer before all were)."""
     src = table.source
     if src is None or src.format != "cryosparc":
         return {}
@@ -460,25 +594,241 @@ def _update_column(df: pd.DataFrame, label: str, values: NDArray[Any], keep: NDA
         _set_column(df, label, values)
 
 
-def _to_30(df: pd.DataFrame, table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """3.0 rows: optics per particle, origins in px; 3.1-only labels moved to the side frame."""
+def _decoded(values: NDArray[Any]) -> NDArray[Any]:
+    if values.dtype.kind == "S":
+        return pd.Series(values).str.decode("utf-8").to_numpy(dtype=object)
+    return values
+
+
+def _carried_star(table: ParticleTable) -> SourceRows | None:
+    """The STAR rows a ``.cs`` written from a STAR file carries (``rln/``, ``rlnoptics/``)."""
+    src = table.source
+    if src is None or src.format != "cryosparc":
+        return None
+    names = src.rows.dtype.names or ()
+    if "rln/rlnImageName" not in names:
+        return None
+    rows = pd.DataFrame(
+        {n[4:]: _decoded(np.asarray(src.rows[n])) for n in names if n[:4] == "rln/"}
+    )
+    optics = None
+    carried = {n[10:]: _decoded(np.asarray(src.rows[n])) for n in names if n[:10] == "rlnoptics/"}
+    if "rlnOpticsGroup" in carried:
+        per_particle = pd.DataFrame(carried)
+        optics = (
+            per_particle.drop_duplicates("rlnOpticsGroup")
+            .sort_values("rlnOpticsGroup", kind="stable")
+            .reset_index(drop=True)
+        )
+    return SourceRows(
+        format="relion31" if optics is not None else "relion30",
+        rows=rows,
+        optics=optics,
+        path=src.path,
+    )
+
+
+def _exact_angst(px: NDArray[np.float64], psize: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``px * psize``, moved by an ulp where needed so that dividing by ``psize`` gives ``px``."""
+    angst = px * psize
+    for _ in range(3):
+        bad = angst / psize != px
+        if not bad.any():
+            break
+        up, down = np.nextafter(angst, np.inf), np.nextafter(angst, -np.inf)
+        angst = np.where(bad & (up / psize == px), up, angst)
+        angst = np.where(bad & (down / psize == px), down, angst)
+    return angst
+
+
+def _px_from_angst(angst: NDArray[np.float64], psize: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Pixel origins for Å ones: the shortest decimal that `_exact_angst` maps back to ``angst``.
+
+    Undoes a 3.0 -> 3.1 conversion exactly (``-2.672172`` px comes back as ``-2.672172``, not
+    ``-2.6721720000000007``); for other values it is ``angst / psize`` to the last digit.
+    """
+    px = angst / psize
+    done = np.zeros(len(px), dtype=bool)
+    for digits in range(1, 18):
+        if done.all():
+            break
+        todo = np.flatnonzero(~done)
+        quotient = (angst[todo] / psize[todo]).tolist()
+        candidate = np.array([float(f"{v:.{digits}f}") for v in quotient], dtype=np.float64)
+        ok = _exact_angst(candidate, psize[todo]) == angst[todo]
+        px[todo[ok]] = candidate[ok]
+        done[todo[ok]] = True
+    return px
+
+
+def _floats(df: pd.DataFrame, label: str) -> NDArray[np.float64]:
+    return np.asarray(pd.to_numeric(df[label], errors="coerce"), dtype=np.float64)
+
+
+def _update_values(df: pd.DataFrame, table: ParticleTable, f4: bool) -> set[str]:
+    """Write the table's poses, origins, CTF and classes where they differ from the rows.
+
+    A value that did not change (same within float64, or float32 for rows carried through a
+    ``.cs``) keeps the text it was read with. Returns the labels added with made-up values.
+    """
+    n = len(table)
+    tol = 1e-6 if f4 else 1e-9
+    added: set[str] = set()
+    psize = table.pixel_size_angstrom
+    if table.rotation_matrices is not None:
+        euler = matrix_to_euler(table.rotation_matrices)
+        keep = np.zeros(n, dtype=bool)
+        if all(a in df.columns for a in ANGLES):  # rows whose pose did not change stay verbatim
+            before = euler_to_matrix(np.stack([_floats(df, a) for a in ANGLES], axis=1))
+            diff = np.abs(before - table.rotation_matrices).max(axis=(1, 2)) if n else before
+            keep = np.asarray(diff < (1e-5 if f4 else 1e-9), dtype=bool)
+        for i, label in enumerate(ANGLES):
+            _update_column(df, label, euler[:, i], keep)
+    shifts = table.shifts_angstrom
+    has_a = any(c in df.columns for c in ORIGINS_A)
+    has_px = any(c in df.columns for c in ORIGINS_PX)
+    # rows whose Å origin did not change keep their pixel origin as read (RELION writes both
+    # rounded to 6 decimals, so they agree only to ~1e-6)
+    a_same: NDArray[np.bool_] = np.zeros(n, dtype=bool)
+    if all(c in df.columns for c in ORIGINS_A):
+        a_same = np.asarray(
+            np.isclose(
+                np.stack([_floats(df, c) for c in ORIGINS_A], axis=1), shifts, rtol=tol, atol=tol
+            ).all(axis=1),
+            dtype=bool,
+        )
+    if has_a or (not has_px and (table.rotation_matrices is not None or np.any(shifts != 0))):
+        if not has_a and not np.any(shifts != 0):
+            added.update(ORIGINS_A)
+        for i, label in enumerate(ORIGINS_A):
+            keep = np.zeros(n, dtype=bool)
+            if label in df.columns:
+                keep = np.isclose(_floats(df, label), shifts[:, i], rtol=tol, atol=tol)
+            _update_column(df, label, shifts[:, i], keep)
+    for i, label in enumerate(ORIGINS_PX):
+        if label in df.columns:
+            keep = np.isclose(_floats(df, label) * psize, shifts[:, i], rtol=tol, atol=tol)
+            _update_column(df, label, shifts[:, i] / psize, keep | a_same)
+    angle_tol = 1e-5 if f4 else 1e-9
+    for label, values, atol in (
+        ("rlnDefocusU", table.defocus_u_angstrom, tol),
+        ("rlnDefocusV", table.defocus_v_angstrom, tol),
+        ("rlnDefocusAngle", table.defocus_angle_degrees, angle_tol),
+        ("rlnPhaseShift", table.phase_shift_degrees, angle_tol),
+        ("rlnCtfBfactor", table.bfactor_angstrom2, tol),
+    ):
+        if label in df.columns:
+            keep = np.isclose(_floats(df, label), values, rtol=tol, atol=atol)
+            _update_column(df, label, values, keep)
+    for label, ints in (
+        ("rlnClassNumber", table.class_number),
+        ("rlnRandomSubset", table.half_set),
+    ):
+        if ints is not None and label in df.columns:
+            _update_column(df, label, ints, _floats(df, label) == ints)
+    return added
+
+
+def _upgrade(
+    df: pd.DataFrame, table: ParticleTable, generated: frozenset[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
+    """RELION 3.0 rows -> 3.1 particles + optics (as ``relion_convert_star``), losing nothing.
+
+    Optics values move to data_optics by group (identical values form a group); pixel origins
+    become Å ones (exactly invertible) unless the rows already have both; labels our 3.0 writer
+    made up are dropped; ``rlnMagnification``/``rlnDetectorPixelSize`` stay per particle.
+    """
+    df = df.drop(columns=[c for c in df.columns if c in generated])
+    added: set[str] = set()
+    n = len(table)
+    first = pd.Series(np.arange(n)).groupby(table.optics_group).first()
+    idx = first.to_numpy()
+    optics = pd.DataFrame({"rlnOpticsGroup": first.index.to_numpy(dtype=np.int64)})
+    move = [c for c in df.columns if c in OPTICS_MOVE]
+    for col in move:
+        optics[col] = df[col].to_numpy()[idx]
+    base = _optics_from_fields(table)
+    for label in base.columns:
+        if label not in optics.columns:
+            optics[label] = base[label].to_numpy()
+            added.add(str(label))
+    df = df.drop(columns=move)
+    if "rlnOpticsGroup" not in df.columns:
+        added.add("rlnOpticsGroup")
+    _set_column(df, "rlnOpticsGroup", table.optics_group)
+    px = [c for c in ORIGINS_PX if c in df.columns]
+    if px and not any(c in df.columns for c in ORIGINS_A):
+        for a_label, px_label in zip(ORIGINS_A, ORIGINS_PX):
+            if px_label in df.columns:
+                angst = _exact_angst(_floats(df, px_label), table.pixel_size_angstrom)
+                _set_column(df, a_label, angst)
+                added.add(a_label)
+        df = df.drop(columns=px)
+    return df, optics, added
+
+
+def _to_30(
+    df: pd.DataFrame, table: ParticleTable, generated: frozenset[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
+    """3.0 rows: optics per particle, origins in px; labels 3.0 cannot hold -> the side frame.
+
+    Returns (rows, side frame, labels added with made-up values). Labels that our writer made
+    up before (``generated``) are dropped rather than carried.
+    """
     out = df.copy()
+    added: set[str] = set()
     for label, values in (
         ("rlnVoltage", table.voltage_kv),
         ("rlnSphericalAberration", table.spherical_aberration_mm),
         ("rlnAmplitudeContrast", table.amplitude_contrast),
     ):
-        if label not in out.columns:
+        if label not in out.columns and label not in generated:
             _set_column(out, label, values)
-    if "rlnImageSize" not in out.columns and table.box_size_px.all():
-        _set_column(out, "rlnImageSize", table.box_size_px)
-    if "rlnMagnification" not in out.columns or "rlnDetectorPixelSize" not in out.columns:
+            added.add(label)
+    if "rlnImageSize" not in out.columns and table.box_size_px.all() and len(out):
+        if "rlnImageSize" not in generated:
+            _set_column(out, "rlnImageSize", table.box_size_px)
+            added.add("rlnImageSize")
+    psize = table.pixel_size_angstrom
+    if "rlnDetectorPixelSize" in out.columns:
+        mag = _floats(out, "rlnMagnification") if "rlnMagnification" in out.columns else 1e4
+        ok = np.isclose(1e4 * _floats(out, "rlnDetectorPixelSize") / mag, psize, rtol=1e-6)
+        if not ok.all():
+            if "rlnMagnification" not in out.columns:
+                added.add("rlnMagnification")
+            _update_column(out, "rlnMagnification", np.full(len(out), 10000.0), ok)
+            _update_column(out, "rlnDetectorPixelSize", psize, ok)
+    else:
+        added.update(("rlnMagnification", "rlnDetectorPixelSize"))
         _set_column(out, "rlnMagnification", np.full(len(out), 10000.0))
-        _set_column(out, "rlnDetectorPixelSize", table.pixel_size_angstrom)
-    side_cols = [c for c in out.columns if c in LABELS_NEW_IN_31 or not c.startswith("rln")]
+        _set_column(out, "rlnDetectorPixelSize", psize)
+    moved = [c for c in out.columns if c in LABELS_NEW_IN_31 or not c.startswith("rln")]
+    side_cols = [c for c in moved if c not in generated]
     side = out[side_cols].copy()
     side.insert(0, "rlnImageName", out["rlnImageName"].to_numpy())
-    return out.drop(columns=side_cols), side
+    return out.drop(columns=moved), side, added
+
+
+def _generated_comment(labels: set[str], *tables: pd.DataFrame) -> str | None:
+    present = {str(c) for t in tables for c in t.columns}
+    made_up = sorted(labels & present)
+    return f"{GENERATED_TAG[2:]} {' '.join(made_up)}" if made_up else None
+
+
+def _write_cs_side(table: ParticleTable, out_path: Path, names: NDArray[Any]) -> list[str]:
+    """Keep a ``.cs`` source's rows next to a STAR output (``<stem>_dhn.cs``) for the way back."""
+    from .cryosparc import save_records, star_unmapped_fields
+
+    src = table.source
+    assert src is not None
+    side = out_path.with_name(out_path.stem + CS_SIDE_SUFFIX)
+    check_not_input(side, src.path)
+    save_records(src.rows, side, star_names=names)
+    lost = star_unmapped_fields(src.rows)
+    if not lost:
+        return [f"cryoSPARC rows kept in {side}"]
+    shown = ", ".join(lost)
+    return [f"{len(lost)} .cs field(s) without a STAR column ({shown}) kept in {side}"]
 
 
 def write_relion_particles(
@@ -486,7 +836,7 @@ def write_relion_particles(
     path: str | os.PathLike[str],
     *,
     relion_version: RelionOutput | str = "3.1",
-) -> None:
+) -> list[str]:
     """Write ``table`` as a RELION particle STAR file, keeping every column it did not change.
 
     Parameters
@@ -497,6 +847,11 @@ def write_relion_particles(
     relion_version : {"3.1", "3.0"}
         ``"3.1"`` (also "4.0"/"5.0": the same format) writes optics + particles; ``"3.0"``
         writes one table of 3.0 labels and puts the rest in ``<stem>_dhn.csv``.
+
+    Returns
+    -------
+    list of str
+        What could not go into the STAR file itself and where it went (side files).
     """
     version = "3.0" if str(relion_version) == "3.0" else "3.1"
     if str(relion_version) not in ("3.0", "3.1", "4.0", "5.0"):
@@ -506,25 +861,29 @@ def write_relion_particles(
         check_not_input(out_path, table.source.path)
     n = len(table)
     src = table.source
+    notes: list[str] = []
     other: dict[str, Any] = {}
+    star_src: SourceRows | None = None
+    f4 = False
     if src is not None and src.format in ("relion30", "relion31"):
-        df = src.rows.copy()
-        other = dict(src.other_blocks)
-        optics = src.optics.copy() if src.optics is not None else None
-        if src.format == "relion30":
-            # upgrade: optics values move to an optics table, origins px -> Å
-            optics = _optics_from_fields(table)
-            drop = [c for c in (*OPTICS_30, *ORIGINS_PX) if c in df.columns]
-            df = df.drop(columns=drop)
-            _set_column(df, "rlnOpticsGroup", table.optics_group)
-        elif optics is not None:
-            used = np.unique(table.optics_group)
-            optics = optics[optics["rlnOpticsGroup"].isin(used)].reset_index(drop=True)
+        star_src = src
+    else:
+        star_src = _carried_star(table)
+        f4 = star_src is not None
+    generated: frozenset[str] = frozenset()
+    if star_src is not None:
+        df = star_src.rows.copy()
+        other = dict(star_src.other_blocks)
+        optics = star_src.optics.copy() if star_src.optics is not None else None
+        generated = star_src.generated
+        source_format = star_src.format
         # image names: verbatim where the particle's stack and index are unchanged
         if len(df) == 0:
             old_paths, old_index = np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64)
         else:
-            old_paths, old_index = _split_image_names(out_path, df["rlnImageName"].astype(str))
+            old_paths, old_index = _split_image_names(
+                Path(star_src.path), df["rlnImageName"].astype(str)
+            )
         same = (old_index == table.image_indices) & (
             pd.Series(old_paths, dtype=object).astype(str).to_numpy()
             == pd.Series(table.image_paths, dtype=object).astype(str).to_numpy()
@@ -533,49 +892,56 @@ def write_relion_particles(
     else:
         df = _particles_from_fields(table)
         optics = _optics_from_fields(table)
-
-    if table.rotation_matrices is not None:
-        euler = matrix_to_euler(table.rotation_matrices)
-        keep = np.zeros(n, dtype=bool)
-        if all(a in df.columns for a in ANGLES):  # rows whose pose did not change stay verbatim
-            before = euler_to_matrix(df[list(ANGLES)].to_numpy(dtype=np.float64))
-            keep = np.abs(before - table.rotation_matrices).max(axis=(1, 2)) < 1e-9
-        for i, label in enumerate(ANGLES):
-            _update_column(df, label, euler[:, i], keep)
-    has_origins = any(c in df.columns for c in ORIGINS_A) or table.rotation_matrices is not None
-    if has_origins or np.any(table.shifts_angstrom != 0):
-        for i, label in enumerate(ORIGINS_A):
-            values = table.shifts_angstrom[:, i]
-            keep = np.zeros(n, dtype=bool)
-            if label in df.columns:
-                keep = np.abs(df[label].to_numpy(dtype=np.float64) - values) < 1e-9
-            _update_column(df, label, values, keep)
+        source_format = "relion31"
+    made_up = _update_values(df, table, f4)
     for key, values in table.extra.items():
         _set_column(df, key, np.asarray(values))
     if len(df) != n:
         raise ValueError(f"internal error: {len(df)} rows for {n} particles")
+    if src is not None and src.format == "cryosparc" and star_src is None:
+        notes += _write_cs_side(table, out_path, df["rlnImageName"].to_numpy())
 
     side_path = out_path.with_name(out_path.stem + SIDE_SUFFIX)
     if version == "3.0":
-        for i, (a_label, px_label) in enumerate(zip(ORIGINS_A, ORIGINS_PX)):
-            if a_label in df.columns:
-                _set_column(df, px_label, table.shifts_angstrom[:, i] / table.pixel_size_angstrom)
-        if optics is not None and src is not None and src.format == "relion31":
+        if optics is not None and source_format == "relion31":
+            by_group = optics.set_index("rlnOpticsGroup")
             for col in optics.columns:
-                if col not in df.columns and col not in LABELS_NEW_IN_31:
-                    mapped = optics.set_index("rlnOpticsGroup")[col].reindex(table.optics_group)
-                    _set_column(df, col, mapped.to_numpy())
-        rows30, side = _to_30(df, table)
-        write_star_blocks(out_path, {"": rows30}, version_tag=False)
+                if col not in df.columns and col not in generated and col != "rlnOpticsGroup":
+                    _set_column(df, col, by_group[col].reindex(table.optics_group).to_numpy())
+        if any(c in df.columns for c in ORIGINS_A) and not any(c in df.columns for c in ORIGINS_PX):
+            for i, (a_label, px_label) in enumerate(zip(ORIGINS_A, ORIGINS_PX)):
+                if a_label in df.columns:
+                    shift = _px_from_angst(table.shifts_angstrom[:, i], table.pixel_size_angstrom)
+                    _set_column(df, px_label, shift)
+                    if a_label not in generated:
+                        made_up.add(px_label)
+        rows30, side, added = _to_30(df, table, generated)
+        made_up |= added
+        write_star_blocks(
+            out_path,
+            {"": rows30},
+            version_tag=False,
+            comment=_generated_comment(made_up | (set(generated) & set(rows30.columns)), rows30),
+        )
         if side.shape[1] > 1:
             with atomic_path(side_path) as tmp:
                 side.to_csv(tmp, index=False, lineterminator="\n")
-        return
-    if optics is None:
-        raise ValueError("internal error: no optics table for a 3.1 file")
-    for label in ORIGINS_PX:
-        if label in df.columns and src is not None and src.format == "relion30":
-            df = df.drop(columns=[label])
+            labels = [str(c) for c in side.columns[1:]]
+            shown = ", ".join(labels)
+            notes.append(
+                f"{len(labels)} label(s) RELION 3.0 cannot hold ({shown}) kept in {side_path}"
+            )
+        else:
+            side_path.unlink(missing_ok=True)  # a stale side file would be read back
+        return notes
+    if optics is None or source_format == "relion30":
+        df, optics, added = _upgrade(df, table, generated)
+        made_up |= added
+    elif n:
+        used = np.unique(table.optics_group)
+        optics = optics[optics["rlnOpticsGroup"].isin(used)].reset_index(drop=True)
     blocks: dict[str, Any] = {"optics": optics, "particles": df}
     blocks.update(other)
-    write_star_blocks(out_path, blocks, version_tag=True)
+    comment = _generated_comment(made_up | set(generated), df, optics)
+    write_star_blocks(out_path, blocks, version_tag=True, comment=comment)
+    return notes

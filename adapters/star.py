@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import starfile
 from deephemnma_bridge.errors import ParticleFileError
 from deephemnma_bridge.fileutils import atomic_path
 
-__all__ = ["read_star_blocks", "write_star_blocks"]
+__all__ = ["check_star_text", "read_generated_labels", "read_star_blocks", "write_star_blocks"]
 
 
 def read_star_blocks(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -40,6 +41,7 @@ def read_star_blocks(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{p}: no such file (check the path; RELION paths are relative "
             "to the project directory)"
         )
+    check_star_text(p)
     try:
         blocks = starfile.read(p, always_dict=True)
     except Exception as err:  # starfile raises many kinds of errors on garbage
@@ -49,6 +51,123 @@ def read_star_blocks(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(blocks, dict) or not blocks:
         raise ParticleFileError(f"{p}: no data_ block found; is this a STAR file?")
     return dict(blocks)
+
+
+GENERATED_TAG = "# deephemnma generated:"
+
+
+def _tokens(line: str) -> int:
+    """Number of values on a STAR row (quoted strings count as one, as in RELION 3.1+)."""
+    if '"' not in line and "'" not in line:
+        return len(line.split())
+    return len(_TOKEN.findall(line))
+
+
+_TOKEN = re.compile(r"\"[^\"]*\"|'[^']*'|\S+")
+
+
+def check_star_text(path: Path) -> None:
+    """Reject what starfile would read into wrong values, naming the table, row and label.
+
+    * a label twice in one loop (starfile keeps one of the two columns);
+    * a row with more or fewer values than the loop has labels (starfile pads with NaN);
+    * a file that ends inside its last row (no final newline: a truncated copy whose last value
+      is cut short would otherwise be read as a valid, wrong number).
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise ParticleFileError(f"{path}: cannot read ({err})") from err
+    labels: list[str] = []
+    block, in_loop, row, last_is_row = "", False, 0, False
+    prev_line, last_line = "", ""
+    for raw in text.split("\n"):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            if not line and in_loop and row:
+                in_loop = False
+            last_is_row = False
+            continue
+        if line.startswith("data_"):
+            block, in_loop, last_is_row = line[5:].split()[0] if line[5:] else "", False, False
+            continue
+        if line.startswith("loop_"):
+            labels, in_loop, row, last_is_row = [], True, 0, False
+            continue
+        if line.startswith("_"):
+            last_is_row = False
+            if not in_loop or row:
+                in_loop = False
+                continue
+            label = line.split()[0][1:]
+            if label in labels:
+                raise ParticleFileError(
+                    f"{path}: table {block!r} has the column _{label} twice (labels "
+                    f"#{labels.index(label) + 1} and #{len(labels) + 1}); remove one of them"
+                )
+            labels.append(label)
+            continue
+        if in_loop and labels:
+            row += 1
+            last_is_row = True
+            prev_line, last_line = (last_line if row > 1 else ""), line
+            count = _tokens(line)
+            if count != len(labels) and len(labels) > 2:
+                what = (
+                    f"has no value for column {labels[count]}"
+                    if count < len(labels)
+                    else "has values beyond its last column"
+                )
+                raise ParticleFileError(
+                    f"{path}: table {block!r} row {row} {what} ({count} values for "
+                    f"{len(labels)} columns: truncated or damaged row); fix or remove that row"
+                )
+    if last_is_row and not text.endswith("\n") and _looks_cut(last_line, prev_line):
+        raise ParticleFileError(
+            f"{path}: the file ends inside row {row} of table {block!r} (no final newline): it "
+            "looks truncated, so the last value may be cut short; copy the file again"
+        )
+
+
+def _shape(token: str) -> tuple[str, int]:
+    """How a value looks: ("num", decimals) for a number, else its text with digit runs as 9."""
+    if re.fullmatch(r"[+-]?\d*\.?\d+(?:[eE][+-]?\d+)?|[+-]?\d+\.", token):
+        mantissa = re.split("[eE]", token)[0]
+        decimals = len(mantissa.split(".")[1]) if "." in mantissa else -1
+        return ("num" + ("e" if "e" in token.lower() else ""), decimals)
+    return (re.sub(r"\d+", "9", token), 0)
+
+
+def _looks_cut(last: str, prev: str) -> bool:
+    """Whether the last value of a file without a final newline looks cut short.
+
+    Writers format a column the same way on every row, so the last value is compared with the
+    same column of the row before; in a one-row table, a number is compared with the other
+    fixed-decimal numbers of its row (``0.1`` among ``300.000000 2.700000`` is cut short).
+    """
+    tokens = _TOKEN.findall(last)
+    if not tokens:
+        return False
+    shape = _shape(tokens[-1])
+    before = _TOKEN.findall(prev)
+    if len(before) == len(tokens):
+        return _shape(before[-1]) != shape
+    if not shape[0].startswith("num"):
+        return False
+    others = {_shape(t) for t in tokens[:-1]}
+    fixed = {s for s in others if s[0] == "num" and s[1] > 0}
+    return len(fixed) == 1 and shape not in fixed
+
+
+def read_generated_labels(path: str | os.PathLike[str]) -> frozenset[str]:
+    """Labels our writer added to ``path`` (``# deephemnma generated:`` comment), if any."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for _, line in zip(range(50), fh):
+            if line.startswith(GENERATED_TAG):
+                return frozenset(line[len(GENERATED_TAG) :].split())
+            if line.startswith("data_"):
+                break
+    return frozenset()
 
 
 def _format_column(series: pd.Series) -> pd.Series:

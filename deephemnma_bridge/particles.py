@@ -67,6 +67,16 @@ class SourceRows:
         Other STAR blocks, in file order (e.g. RELION 5's ``general``), written back unchanged.
     path : str
         The file the rows came from.
+    generated : frozenset of str
+        STAR labels that our writer made up when it wrote the file (not in the data it
+        converted, e.g. ``rlnMagnification`` in a 3.0 file written from a 3.1 file); a writer
+        of another format leaves them out again.
+    side_labels : tuple of str
+        STAR labels read from the side file ``<stem>_dhn.csv`` (labels a RELION 3.0 file cannot
+        hold), in the order of their source.
+    cs_records : numpy structured array or None
+        For rows read from a STAR file written from a ``.cs`` file: the ``.cs`` rows as read (all
+        fields, uids), aligned with ``rows``, from the side file ``<stem>_dhn.cs``.
     """
 
     format: SourceFormat
@@ -74,6 +84,9 @@ class SourceRows:
     optics: pd.DataFrame | None = None
     other_blocks: Mapping[str, Any] = field(default_factory=dict)
     path: str = ""
+    generated: frozenset[str] = frozenset()
+    side_labels: tuple[str, ...] = ()
+    cs_records: Any = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -84,7 +97,8 @@ class SourceRows:
             rows: Any = self.rows.iloc[indices].reset_index(drop=True)
         else:
             rows = self.rows[indices]
-        return dataclasses.replace(self, rows=rows)
+        records = None if self.cs_records is None else self.cs_records[indices]
+        return dataclasses.replace(self, rows=rows, cs_records=records)
 
 
 def _float_array(values: ArrayLike, n: int, name: str) -> NDArray[np.float64]:

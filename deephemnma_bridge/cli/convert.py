@@ -13,6 +13,11 @@ absolute paths: run the command from the RELION project directory. Stacks that c
 (run from the cryoSPARC project directory, or next to the .cs job folder) are written with their
 cryoSPARC path and a warning.
 
+Nothing is lost: what the target format cannot hold goes to a side file next to the output
+(<stem>_dhn.cs for .cs fields without a STAR column, <stem>_dhn.csv for labels RELION 3.0 cannot
+hold) or to rln/<label> fields of a .cs, and the reader takes it back; convert prints which fields
+went where. Values that were not changed are written back as read.
+
 Examples:
   deephemnma convert P1/J42/J42_particles.cs particles.star
   deephemnma convert Refine3D/job025/run_data.star particles.cs
@@ -61,9 +66,64 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _link_name(stack: str) -> Path:
-    """Where the ``.mrcs`` link of ``stack`` goes, relative to the output folder."""
-    parts = [p for p in Path(stack).parts if p not in ("/", "..", ".") and not p.endswith(":\\")]
+    """Where the ``.mrcs`` link of ``stack`` goes, relative to the output folder.
+
+    Distinct stack names get distinct links: ``..`` becomes ``_up_`` and an absolute path starts
+    with ``_abs_`` (``a/x.mrc`` and ``../../a/x.mrc`` are two stacks).
+    """
+    path = Path(stack)
+    parts = ["_abs_"] if path.is_absolute() else []
+    for part in path.parts:
+        if part in ("/", ".") or part.endswith(":\\"):
+            continue
+        parts.append("_up_" if part == ".." else part)
     return Path("stacks", *parts).with_suffix(".mrcs")
+
+
+def _verbatim_stacks(table: ParticleTable) -> set[str]:
+    """Stacks whose every row keeps the image name a STAR file gave it (carried in a .cs)."""
+    src = table.source
+    if src is None or src.format != "cryosparc":
+        return set()
+    if "rln/rlnImageName" not in (src.rows.dtype.names or ()):
+        return set()
+    names = pd.Series(src.rows["rln/rlnImageName"])
+    if len(names) and isinstance(names.iloc[0], bytes):
+        names = names.str.decode("utf-8")
+    parts = names.astype(str).str.split("@", n=1, expand=True)
+    if parts.shape[1] < 2:
+        return set()
+    paths = pd.Series(table.image_paths, dtype=object).astype(str)
+    index = pd.to_numeric(parts[0], errors="coerce") - 1
+    same = (parts[1].str.strip() == paths) & (index == pd.Series(table.image_indices))
+    by_stack = same.groupby(paths).all()
+    return {str(k) for k, v in by_stack.items() if v}
+
+
+def check_stacks(table: ParticleTable, source: str) -> None:
+    """Every stack name that points at an existing file must point at an MRC stack.
+
+    A name such as ``1@../../../../etc/passwd`` would otherwise be written through to the
+    output; the error names the first row that uses it. Stacks not found are left to the
+    writer (they may live in the RELION project the file is meant for).
+    """
+    from ..adapters.images import check_mrc_header, resolve_stack
+
+    paths = pd.Series(table.image_paths, dtype=object).astype(str)
+    codes, uniques = pd.factorize(paths)
+    for k, stack in enumerate(uniques):
+        try:
+            target = resolve_stack(stack, table.search_dirs)
+        except ParticleFileError:
+            continue
+        try:
+            check_mrc_header(target)
+        except ParticleFileError as err:
+            row = int(np.flatnonzero(codes == k)[0])
+            raise ParticleFileError(
+                f"{source}: row {row + 1} names image {table.image_indices[row] + 1}@{stack}, "
+                f"which is not an MRC image stack ({err}); fix the image name"
+            ) from err
 
 
 def expose_stacks(table: ParticleTable, out_dir: Path) -> tuple[ParticleTable, int, list[str]]:
@@ -88,7 +148,11 @@ def expose_stacks(table: ParticleTable, out_dir: Path) -> tuple[ParticleTable, i
     codes, uniques = pd.factorize(paths)
     new_names = np.asarray(uniques, dtype=object).copy()
     links, missing = 0, []
+    verbatim = _verbatim_stacks(table)
+    targets: dict[Path, Path] = {}
     for k, stack in enumerate(uniques):
+        if stack in verbatim and not stack.lower().endswith(".mrc"):
+            continue  # the name RELION had for it: written back as it was
         try:
             target = resolve_stack(stack, table.search_dirs).resolve()
         except ParticleFileError:
@@ -98,6 +162,11 @@ def expose_stacks(table: ParticleTable, out_dir: Path) -> tuple[ParticleTable, i
             new_names[k] = path_from_cwd(target)
             continue
         link = out_dir / _link_name(stack)
+        if targets.get(link, target) != target:
+            raise InputError(
+                f"stacks {stack} and another one both map to the link {link}; rename one"
+            )
+        targets[link] = target
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink():
             link.unlink()
@@ -150,7 +219,8 @@ def main(args: argparse.Namespace) -> int:
     table = read_particles(args.input, **kwargs)
     if out.suffix.lower() not in (".star", ".cs"):
         raise InputError(f"{out}: the output must end in .star or .cs")
-    notes = []
+    check_stacks(table, args.input)
+    notes: list[str] = []
     uid_map = out.with_name(out.stem + "_uid_map.csv")
     if out.suffix.lower() == ".star" and table.uids is not None:
         check_not_input(uid_map, args.input)
@@ -167,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
                 UserWarning,
                 stacklevel=2,
             )
-        write_particles(table, out, relion_version=args.relion_version)
+        notes += write_particles(table, out, relion_version=args.relion_version)
         try:
             write_uid_map(uid_map, table, original)
         except BaseException:
@@ -175,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
             raise
         notes.append(f"uid map {uid_map}")
     else:
-        write_particles(table, out, relion_version=args.relion_version)
+        notes += write_particles(table, out, relion_version=args.relion_version)
     print(
         f"read {len(table)} particles from {args.input}; wrote {out}"
         + "".join(f"; {n}" for n in notes)
