@@ -31,6 +31,7 @@ __all__ = [
     "atomic_path",
     "check_not_input",
     "check_output_dir",
+    "check_output_file",
     "claim_output_dir",
     "file_sha256",
     "output_owner",
@@ -143,6 +144,22 @@ def check_output_dir(
         f"--out {out} already exists and holds {what}; choose a new folder, or add "
         "--overwrite to replace it"
     )
+
+
+def check_output_file(
+    out: str | os.PathLike[str], *, overwrite: bool = False, option: str = "output"
+) -> None:
+    """Raise `InputError` when the output file ``out`` exists (a folder, or a file and not
+    ``overwrite``): a file the command did not just write is never replaced silently."""
+    from .errors import InputError
+
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"{option} {out} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise InputError(
+            f"{option} {out} already exists; choose a new name, or add --overwrite to replace it"
+        )
 
 
 def _marker_text(command: str, inputs: Sequence[str | os.PathLike[str]]) -> str:

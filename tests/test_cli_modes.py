@@ -25,8 +25,18 @@ def test_modes_of_a_model_with_table_and_animations(
     modes = NormalModes.load(out)
     assert modes.mode_numbers.tolist() == list(range(1, 13))
     assert modes.atom_coordinates is not None and modes.atom_coordinates.shape == (1656, 3)
-    files = sorted(p.name for p in (tmp_path / "anim").iterdir())
+    files = sorted(p.name for p in (tmp_path / "anim").iterdir() if p.suffix == ".pdb")
     assert files == [f"mode_{m:03d}.pdb" for m in range(7, 13)]
+    # a rerun does not replace the modes file or write into a folder it did not create
+    assert main([*argv, "--n-modes", "12"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    again = ["modes", "--out", str(tmp_path / "m2.npz"), "--animate", str(other)]
+    assert main(again) == 2
+    assert "--overwrite" in capsys.readouterr().err and not (tmp_path / "m2.npz").exists()
+    assert main([*argv, "--n-modes", "12", "--overwrite"]) == 0
     st = gemmi.read_structure(str(tmp_path / "anim" / "mode_007.pdb"))
     assert len(st) == 10 and st[0].count_atom_sites() == 1656
     first = np.array([c.atom.pos.tolist() for c in st[0].all()])

@@ -381,3 +381,27 @@ def test_run_restarts_an_interrupted_stage_whose_input_changed(
     os.utime(subset, ns=(2, 2))
     _stage(tmp_path / "out", "hemnma", argv, print, done, [subset])  # finished, input changed
     assert len(calls) == 3
+
+
+def test_file_outputs_are_not_replaced_without_overwrite(
+    sim: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = tmp_path / "mine.star"
+    mine.write_text("my hand-made selection\n")
+    for argv in (
+        ["convert", str(sim / "particles.star"), str(mine)],
+        [
+            "subset",
+            "--source",
+            str(sim / "particles.star"),
+            "--select",
+            str(sim / "particles.star"),
+            "--out",
+            str(mine),
+        ],
+    ):
+        assert main(argv) == 2
+        _one_line(capsys, "already exists", "--overwrite")
+        assert mine.read_text() == "my hand-made selection\n"
+    assert main(["convert", str(sim / "particles.star"), str(mine), "--overwrite"]) == 0
+    assert len(read_particles(mine)) == 16

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, ParticleFileError
-from ..fileutils import atomic_path, check_not_input
+from ..fileutils import atomic_path, check_not_input, check_output_file
 from ..particles import ParticleTable
 
 __all__ = ["add_args", "expose_stacks", "main", "write_uid_map"]
@@ -44,6 +44,7 @@ __all__ = ["add_args", "expose_stacks", "main", "write_uid_map"]
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="particles: RELION .star or cryoSPARC .cs")
     parser.add_argument("output", help="output .star or .cs (never the input)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument(
         "--relion-version",
         default="3.1",
@@ -208,6 +209,7 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     check_not_input(out, args.input, *(args.passthrough or ()))
+    check_output_file(out, overwrite=args.overwrite)
     kwargs: dict[str, object] = {}
     is_cs = args.input.lower().endswith(".cs")
     if args.passthrough and not is_cs:

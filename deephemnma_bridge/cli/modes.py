@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..fileutils import check_output_file
 
 MAP_SUFFIXES = (".mrc", ".map", ".ccp4", ".rec")
 
@@ -43,6 +44,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
     p("model", nargs="?", type=Path, help="PDB/mmCIF model or MRC map (default: bundled 4AKE A)")
     p("--out", type=Path, required=True, help="output .npz")
+    p("--overwrite", action="store_true", help="replace an existing --out file / --animate folder")
     p("--nodes", choices=["ca", "heavy"], default="ca", help="Cα/P per residue, or heavy atoms")
     p("--chains", default=None, help="comma-separated chains to keep (default all)")
     p(
@@ -101,6 +103,8 @@ def _model_from_map(args: argparse.Namespace) -> Any:
                 f"{density.data.shape}"
             )
         mask = mask_map.data > 0.5
+    out = args.pseudoatoms_out or args.out.with_name(args.out.stem + "_pseudoatoms.cif")
+    check_output_file(out, overwrite=args.overwrite, option="--pseudoatoms-out")
     atoms = pseudoatoms(
         density,
         threshold=args.threshold,
@@ -109,7 +113,6 @@ def _model_from_map(args: argparse.Namespace) -> Any:
         sigma_voxels=args.sigma,
         progress=lambda n, e: print(f"  pseudoatoms: {n:7d} atoms, error {e:.4f}", file=sys.stderr),
     )
-    out = args.pseudoatoms_out or args.out.with_name(args.out.stem + "_pseudoatoms.cif")
     model = atoms.as_model(name=args.model.stem)
     write_models(out, model)
     # RELION's rotation centre of a map is voxel N//2 of each axis; particles extracted with
@@ -134,13 +137,18 @@ def main(args: argparse.Namespace) -> int:
     from ..adapters.structure import read_structure, write_models
     from ..coarse_grain import coarse_grain
     from ..data import default_model_path
-    from ..fileutils import check_not_input
+    from ..fileutils import check_not_input, check_output_dir
     from ..nma import compute_normal_modes, deform_atoms
     from ..nma.modes import DEFAULT_CUTOFF_ANGSTROM
 
     path = args.model if args.model is not None else default_model_path()
     args.model = Path(path)
     check_not_input(args.out, args.model)
+    check_output_file(args.out, overwrite=args.overwrite, option="--out")
+    if args.animate is not None:
+        check_output_dir(
+            args.animate, command="modes", inputs=[args.model], overwrite=args.overwrite
+        )
     if args.out.suffix != ".npz":
         raise InputError(f"--out {args.out}: the modes file must end in .npz")
     if args.frames < 2:
@@ -205,7 +213,11 @@ def main(args: argparse.Namespace) -> int:
         tag = "  rigid body" if m <= 6 else ("  (collectivity < 0.15)" if c < 0.15 else "")
         print(f"{m:5d} {ev:12.5g} {c:12.3f}{tag}")
     if args.animate is not None:
-        args.animate.mkdir(parents=True, exist_ok=True)
+        from ..fileutils import claim_output_dir
+
+        claim_output_dir(
+            args.animate, command="modes", inputs=[args.model], overwrite=args.overwrite
+        )
         suffix = ".cif" if len(model) > 99_999 else ".pdb"
         q = args.amplitude * np.sqrt(len(cg))  # RMS displacement |q| / sqrt(N)
         steps = np.linspace(-q, q, args.frames)

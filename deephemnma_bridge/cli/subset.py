@@ -23,7 +23,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from ..errors import InputError
-from ..fileutils import check_not_input
+from ..fileutils import check_not_input, check_output_file
 from ..particles import ParticleTable
 
 __all__ = ["add_args", "main", "match_subset"]
@@ -33,6 +33,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="the full particle file (.star or .cs)")
     parser.add_argument("--select", required=True, help="the particles to keep (.star or .cs)")
     parser.add_argument("--out", required=True, help="output .star or .cs")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument(
         "--relion-version",
         default="3.1",
@@ -102,6 +103,7 @@ def main(args: argparse.Namespace) -> int:
 
     check_not_input(args.out, args.source)
     check_not_input(args.out, args.select)
+    check_output_file(args.out, overwrite=args.overwrite, option="--out")
     full = read_particles(args.source)
     part = read_particles(args.select)
     keep, how = match_subset(full, part)
