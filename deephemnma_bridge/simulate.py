@@ -13,6 +13,15 @@ and writes the files. Every value is a `SimulationConfig` field:
 * **Orientations** uniform over SO(3) (``scipy Rotation.random``), **shifts** (RELION origins)
   uniform in ``±shift_range_px`` pixels, **defocus** ``defocus_angstrom`` plus
   ``U(-spread, spread)`` (no astigmatism).
+* **Another conformation** (optional, `place_conformation`): the atoms rendered may belong to
+  another model of the same molecule (e.g. closed 1AKE rendered in the frame of open 4AKE's
+  modes), its network nodes matched one to one with the modes' nodes. By default it is first
+  superposed on the modes' nodes (Kabsch, least squares over the matched nodes); it is rotated
+  about the SAME centre as the reference (the centroid of the modes' nodes), so the written poses
+  are those of the modes' frame. Its true amplitudes are the least-squares amplitudes of its node
+  displacement ``d = other - reference`` in the selected modes (``q = U^+ d``: the dot products
+  ``q_m = sum_i u_mi . d_i`` for orthonormal modes), added to the drawn ones in the written
+  ground truth; `project_displacement` also gives the fraction ``|U q|^2 / |d|^2`` they carry.
 * **Image**: the deformed model (atoms moving with their residue's node, or the nodes) projected
   by the forward model of `alignment.render` (RELION conventions), CTF-modulated with noise
   before and after the CTF (``noise_before_ctf_fraction`` of the noise variance, as seen in the
@@ -53,6 +62,7 @@ from .particles import ParticleTable
 from .preprocess import fourier_crop
 
 __all__ = [
+    "Conformation",
     "SimulatedChunk",
     "SimulationConfig",
     "SimulationModel",
@@ -60,8 +70,11 @@ __all__ = [
     "SimulationTruth",
     "check_simulation",
     "draw_truth",
+    "place_conformation",
+    "project_displacement",
     "simulate_images",
     "simulation_table",
+    "superpose",
 ]
 
 BANDS_ANGSTROM = (10.0, 7.0)
@@ -148,6 +161,10 @@ class SimulationModel:
         Node each rendered point moves with.
     centre_angstrom : array (3,)
         What was subtracted from the input coordinates.
+    amplitude_offset : array (M,)
+        Amplitudes of the rendered points themselves in the selected modes: zero for the
+        reference, the projection of its node displacement for another conformation
+        (`place_conformation`); added to the drawn amplitudes in the written ground truth.
     """
 
     node_coordinates: NDArray[np.float64]
@@ -156,6 +173,16 @@ class SimulationModel:
     render_coordinates: NDArray[np.float64]
     render_node: NDArray[np.int64]
     centre_angstrom: NDArray[np.float64]
+    amplitude_offset: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        m = self.modes.shape[0]
+        offset = np.asarray(self.amplitude_offset, dtype=np.float64)
+        if offset.size == 0:
+            offset = np.zeros(m)
+        if offset.shape != (m,):
+            raise InputError(f"amplitude_offset needs one value per mode ({m}), got {offset.shape}")
+        object.__setattr__(self, "amplitude_offset", offset)
 
     @classmethod
     def from_arrays(
@@ -167,10 +194,15 @@ class SimulationModel:
         *,
         atom_coordinates: NDArray[np.floating] | None = None,
         atom_node: NDArray[np.integer] | None = None,
+        conformation_nodes: NDArray[np.floating] | None = None,
     ) -> SimulationModel:
         """Select ``use_modes`` (1-based numbers) and centre; atoms with node -1 are dropped.
 
-        Without atoms, the nodes are rendered (``--render nodes``).
+        Without atoms, the nodes are rendered (``--render nodes``). ``conformation_nodes``
+        (N, 3), same frame and node order as ``node_coordinates``: the rendered points belong to
+        another conformation whose nodes are these (`place_conformation`); the model is still
+        centred on the centroid of ``node_coordinates`` and ``amplitude_offset`` is the
+        projection of ``conformation_nodes - node_coordinates`` on the selected modes.
         """
         nodes = np.asarray(node_coordinates, dtype=np.float64)
         vec = np.asarray(vectors, dtype=np.float64)
@@ -196,6 +228,15 @@ class SimulationModel:
             points, owner = np.asarray(atom_coordinates, dtype=np.float64)[keep], owner[keep]
             if owner.size == 0:
                 raise InputError("no atom belongs to a network node; use --render nodes")
+        offset = np.zeros(len(sel))
+        if conformation_nodes is not None:
+            other = np.asarray(conformation_nodes, dtype=np.float64)
+            if other.shape != nodes.shape:
+                raise InputError(
+                    f"the other conformation has {other.shape[0]} nodes, the modes' network "
+                    f"{nodes.shape[0]}: they must match one to one"
+                )
+            offset = project_displacement(vec[sel], other - nodes)[0]
         return cls(
             nodes - centre,
             vec[sel],
@@ -203,6 +244,7 @@ class SimulationModel:
             points - centre,
             owner,
             centre,
+            offset,
         )
 
     def rms_displacement(self, amplitudes: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -211,11 +253,128 @@ class SimulationModel:
         return np.sqrt((disp**2).sum(-1).mean(-1))
 
 
+def project_displacement(
+    vectors: NDArray[np.floating], displacement: NDArray[np.floating]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+    """Amplitudes of a node displacement (N, 3) in modes (M, N, 3), in the modes' unit.
+
+    Returns ``(q, per_mode, carried)``: ``q`` (M,) the least-squares amplitudes (``U^+ d``:
+    the dot products ``sum_i u_mi . d_i`` when the vectors are orthonormal, as ANM modes are),
+    so ``q_m`` displaces node i by ``q_m u_mi`` Å; ``per_mode`` (M,) ``q_m^2 |u_m|^2 / |d|^2``;
+    ``carried`` the fraction ``|U q|^2 / |d|^2`` of the squared displacement they represent.
+    """
+    u = np.asarray(vectors, dtype=np.float64).reshape(len(vectors), -1).T  # (3N, M)
+    d = np.asarray(displacement, dtype=np.float64).ravel()
+    if u.shape[0] != d.size:
+        raise InputError(f"displacement of {d.size // 3} nodes for modes of {u.shape[0] // 3}")
+    q: NDArray[np.float64] = np.asarray(np.linalg.lstsq(u, d, rcond=None)[0], dtype=np.float64)
+    total = float(d @ d)
+    if total == 0:
+        return q, np.zeros(len(q)), 0.0
+    per_mode = q**2 * (u**2).sum(axis=0) / total
+    return q, per_mode, float(np.sum((u @ q) ** 2) / total)
+
+
+def superpose(
+    mobile: NDArray[np.floating], target: NDArray[np.floating]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Rotation R (3, 3) and translation t (3,) minimising ``sum |R x + t - y|^2`` (Kabsch)."""
+    x = np.asarray(mobile, dtype=np.float64)
+    y = np.asarray(target, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 2 or x.shape[1] != 3 or len(x) < 3:
+        raise InputError(
+            f"superposition needs two (N >= 3, 3) point sets, got {x.shape}, {y.shape}"
+        )
+    cx, cy = x.mean(axis=0), y.mean(axis=0)
+    h = (x - cx).T @ (y - cy)
+    u, _, vt = np.linalg.svd(h)
+    sign = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
+    rot = vt.T @ np.diag([1.0, 1.0, sign]) @ u.T
+    return rot, cy - rot @ cx
+
+
+@dataclass(frozen=True, eq=False)
+class Conformation:
+    """Another conformation placed in the frame of the modes' nodes (`place_conformation`).
+
+    Attributes
+    ----------
+    node_coordinates : array (N, 3)
+        Its nodes, matched one to one (same order) with the modes' nodes, in their frame.
+    render_coordinates : array (K, 3)
+        Its points to render (atoms or nodes), same transform.
+    render_node : array (K,)
+        Node (of the modes' network) each point moves with.
+    rotation, translation : arrays (3, 3), (3,)
+        Transform applied to the input coordinates (identity when not superposed).
+    rmsd_as_given, rmsd_angstrom : float
+        Node RMSD to the modes' nodes before and after the transform.
+    superposed : bool
+    """
+
+    node_coordinates: NDArray[np.float64]
+    render_coordinates: NDArray[np.float64]
+    render_node: NDArray[np.int64]
+    rotation: NDArray[np.float64]
+    translation: NDArray[np.float64]
+    rmsd_as_given: float
+    rmsd_angstrom: float
+    superposed: bool
+
+
+def place_conformation(
+    reference_nodes: NDArray[np.floating],
+    other_nodes: NDArray[np.floating],
+    other_points: NDArray[np.floating],
+    other_point_node: NDArray[np.integer],
+    *,
+    superpose_nodes: bool = True,
+) -> Conformation:
+    """Put another conformation in the reference's frame.
+
+    ``other_nodes`` (N, 3) are matched in order with ``reference_nodes`` (N, 3);
+    ``other_points`` (K, 3) move with node ``other_point_node`` (K,) (-1: none, dropped). With
+    ``superpose_nodes`` the other model is moved rigidly onto the reference nodes (Kabsch),
+    otherwise it is taken as given (already superposed).
+    """
+    ref = np.asarray(reference_nodes, dtype=np.float64)
+    other = np.asarray(other_nodes, dtype=np.float64)
+    if other.shape != ref.shape:
+        raise InputError(
+            f"the other conformation has {len(other)} network nodes and the modes' network "
+            f"{len(ref)}: they must match one to one (select the same chains and residues)"
+        )
+    owner = np.asarray(other_point_node, dtype=np.int64)
+    points = np.asarray(other_points, dtype=np.float64)
+    if points.shape != (len(owner), 3):
+        raise InputError("each rendered point of the other conformation needs its node")
+    keep = owner >= 0
+    points, owner = points[keep], owner[keep]
+    if owner.size == 0 or owner.max() >= len(ref):
+        raise InputError("the other conformation's points must move with its matched nodes")
+
+    def rms(a: NDArray[np.float64]) -> float:
+        return float(np.sqrt(((a - ref) ** 2).sum(axis=1).mean()))
+
+    rot, shift = superpose(other, ref) if superpose_nodes else (np.eye(3), np.zeros(3))
+    moved = other @ rot.T + shift
+    return Conformation(
+        moved,
+        points @ rot.T + shift,
+        owner,
+        rot,
+        shift,
+        rms(other),
+        rms(moved),
+        superpose_nodes,
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class SimulationTruth:
     """Ground truth of n particles (RELION conventions)."""
 
-    amplitudes: NDArray[np.float64]  # (n, M), Å
+    amplitudes: NDArray[np.float64]  # (n, M), drawn (model.amplitude_offset not included)
     trajectory_t: NDArray[np.float64]  # (n,), NaN unless helix
     cluster: NDArray[np.int64]  # (n,), -1 unless clusters
     rotation_matrices: NDArray[np.float64]  # (n, 3, 3)
@@ -433,7 +592,10 @@ class SimulationStats:
 def simulation_table(
     config: SimulationConfig, model: SimulationModel, truth: SimulationTruth, stack_path: str
 ) -> ParticleTable:
-    """The particle table (no poses, zero origins) with the ground truth in ``extra``."""
+    """The particle table (no poses, zero origins) with the ground truth in ``extra``.
+
+    The true amplitudes written are the drawn ones plus ``model.amplitude_offset`` (the other
+    conformation's own amplitudes in the modes, zero for the reference)."""
     n = config.n_particles
     table = ParticleTable.empty_like_stack(
         stack_path,
@@ -448,8 +610,9 @@ def simulation_table(
         defocus_u_angstrom=truth.defocus_angstrom, defocus_v_angstrom=truth.defocus_angstrom
     )
     angles = matrix_to_euler(truth.rotation_matrices)
+    true_amplitudes = truth.amplitudes + model.amplitude_offset
     extra: dict[str, NDArray[np.float64]] = {
-        f"dhnTrueAmplitude{m}": truth.amplitudes[:, i] for i, m in enumerate(model.mode_numbers)
+        f"dhnTrueAmplitude{m}": true_amplitudes[:, i] for i, m in enumerate(model.mode_numbers)
     }
     extra.update(
         dhnTrueAngleRot=angles[:, 0],

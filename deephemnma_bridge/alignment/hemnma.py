@@ -38,6 +38,7 @@ Every step is per particle: the result of a particle does not depend on the batc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,7 @@ __all__ = [
     "ReferenceModel",
     "SearchLibrary",
     "align_batch",
+    "elastic_grid",
     "mahalanobis_outliers",
     "rotation_grid",
 ]
@@ -77,6 +79,20 @@ class AlignmentConfig:
     refine_resolution_angstrom: tuple[float, float] = (7.0, 4.0)
     iterations: tuple[int, int] = (40, 25)
     learning_rates: tuple[float, float, float] = (1.0, 0.01, 0.1)  # q (Å), d (rad), o (Å)
+    # amplitude steps in Å of RMS displacement (size-independent), per band; None: use
+    # learning_rates[0] in the amplitude unit q (Å·sqrt(N): the cap then shrinks with N)
+    amplitude_lr_angstrom: tuple[float, float] | None = (0.25, 0.1)
+    # a band is repeated (from where it ended, fresh Adam) for the particles whose amplitudes
+    # were still travelling at the band's capacity, at most this many times
+    max_rounds: int = 5
+    # elastic search: starting poses from references deformed on a grid of amplitudes within
+    # this RMS displacement (Å; 0: rigid search only), grid spacing, band, SO(3) step, kept
+    elastic_range_angstrom: float = 8.0
+    elastic_spacing_angstrom: float = 4.0
+    elastic_resolution_angstrom: float = 15.0
+    elastic_step_degrees: float = 20.0
+    elastic_shift_step_px: float = 3.0
+    elastic_candidates: int = 2
     amplitude_starts: tuple[float, ...] = (0.0,)
     ctf: Literal["full", "flip"] = "full"
     frequency_power: float = 0.0
@@ -97,6 +113,18 @@ class AlignmentConfig:
             (self.ctf in ("full", "flip"), "ctf must be 'full' or 'flip'"),
             (self.sigma_angstrom > 0, "sigma must be > 0 Å"),
             (not (self.fixed_poses and self.local_poses), "fixed and local poses exclude"),
+            (self.max_rounds >= 1, "max rounds must be >= 1"),
+            (self.elastic_range_angstrom >= 0, "elastic range must be >= 0 Å"),
+            (self.elastic_spacing_angstrom > 0, "elastic spacing must be > 0 Å"),
+            (self.elastic_resolution_angstrom > 0, "elastic search band must be > 0 Å"),
+            (self.elastic_step_degrees > 0, "elastic search step must be > 0°"),
+            (self.elastic_shift_step_px > 0, "elastic shift step must be > 0 px"),
+            (self.elastic_candidates >= 0, "elastic candidates must be >= 0"),
+            (
+                self.amplitude_lr_angstrom is None
+                or all(v > 0 for v in self.amplitude_lr_angstrom),
+                "amplitude steps must be > 0 Å",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -114,6 +142,13 @@ class ReferenceModel:
     modes: torch.Tensor
     mode_numbers: Sequence[int]
     weights: torch.Tensor | None = None
+    n_nodes: int = 0  # network nodes (the modes' unit); 0: one per coordinate
+
+    @property
+    def amplitude_scale(self) -> float:
+        """sqrt(N): an amplitude q displaces the nodes by q / sqrt(N) Å RMS (unit-norm modes
+        over 3N coordinates), so q = scale * (RMS displacement in Å)."""
+        return math.sqrt(self.n_nodes or self.coordinates.shape[0])
 
     @classmethod
     def from_modes(
@@ -137,6 +172,7 @@ class ReferenceModel:
         """
         xyz = np.asarray(coordinates, dtype=np.float64)
         vec = np.asarray(vectors, dtype=np.float64)
+        n_nodes = len(xyz)
         centre = xyz.mean(axis=0) if centre_angstrom is None else np.asarray(centre_angstrom)
         weights = None
         if template != "nodes":
@@ -167,6 +203,33 @@ class ReferenceModel:
             torch.tensor(vec, dtype=torch.float32, device=device),
             [int(m) for m in mode_numbers],
             None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
+            n_nodes,
+        )
+
+    def coarsened(self, max_blobs: int) -> ReferenceModel:
+        """At most ``max_blobs`` Gaussians: runs of consecutive nodes (chain order) merged into
+        one weighted blob moving with their mean displacement, for coarse bands where a blob
+        per residue is wasted work (big complexes). Same amplitude unit (``n_nodes``)."""
+        n = self.coordinates.shape[0]
+        if n <= max_blobs:
+            return self
+        group = torch.div(
+            torch.arange(n, device=self.coordinates.device) * max_blobs, n, rounding_mode="floor"
+        )
+        w = self.weights if self.weights is not None else torch.ones(n, device=group.device)
+        total = torch.zeros(max_blobs, device=w.device).index_add_(0, group, w)
+        xyz = torch.zeros(max_blobs, 3, device=w.device).index_add_(
+            0, group, self.coordinates * w[:, None]
+        )
+        modes = torch.zeros(self.modes.shape[0], max_blobs, 3, device=w.device).index_add_(
+            1, group, self.modes * w[None, :, None]
+        )
+        return ReferenceModel(
+            xyz / total[:, None],
+            modes / total[None, :, None],
+            self.mode_numbers,
+            total / total.mean(),
+            self.n_nodes or n,
         )
 
     @property
@@ -258,10 +321,42 @@ def _ncc(
     return dot / torch.sqrt(tt * xx + 1e-30)
 
 
+def elastic_grid(
+    n_modes: int, range_angstrom: float, spacing_angstrom: float, max_points: int = 48
+) -> tuple[NDArray[np.float64], float]:
+    """Points of a cubic lattice of amplitudes (Å of RMS displacement per mode) inside the ball
+    of radius ``range_angstrom``, origin excluded (the rigid search covers it); the spacing
+    grows by 25 % steps until at most ``max_points`` remain. Returns (points (D, M), spacing).
+
+    With orthonormal modes the RMS displacement of amplitudes p is ``|p|``, so the ball holds
+    every deformation up to ``range_angstrom`` RMS, and any deformation inside it lies within
+    ``spacing * sqrt(M) / 2`` of a point (or of the origin)."""
+    if n_modes == 0 or range_angstrom <= 0:
+        return np.zeros((0, n_modes)), spacing_angstrom
+    spacing = spacing_angstrom
+    while True:
+        k = math.floor(range_angstrom / spacing + 1e-9)
+        axis = np.arange(-k, k + 1) * spacing
+        if len(axis) ** n_modes > 4_000_000:  # too many to enumerate: coarser first
+            spacing *= 1.25
+            continue
+        pts = np.stack(np.meshgrid(*[axis] * n_modes, indexing="ij"), -1).reshape(-1, n_modes)
+        norm = np.linalg.norm(pts, axis=1)
+        pts = pts[(norm <= range_angstrom + 1e-9) & (norm > 0)]
+        if len(pts) <= max_points:
+            return pts, spacing
+        spacing *= 1.25
+
+
 @dataclass(frozen=True, eq=False)
 class SearchLibrary:
     """What the global search needs that does not depend on the particles: the band, the
     reference's projections on the SO(3) grid (amplitudes 0) and the shift phase ramps.
+
+    With ``elastic_range_angstrom > 0`` and modes, ``elastic`` holds a second, coarser library
+    (``elastic_*`` settings) of the reference deformed on `elastic_grid`: a particle far from
+    the reference's shape finds its starting pose (and amplitudes, ``starts``) there when the
+    rigid projections match nothing.
 
     Build it once per run with `SearchLibrary.build` and pass it to every `align_batch` call
     (rendering ~15,000 references costs ~0.5 s on 2 CPU cores)."""
@@ -273,6 +368,9 @@ class SearchLibrary:
     origins: torch.Tensor  # (S, 2) Å
     ramp_c: torch.Tensor  # (S, Ky, Kx)
     ramp_s: torch.Tensor  # (S, Ky, Kx)
+    starts: torch.Tensor | None = None  # (R, M) amplitudes of each reference (elastic)
+    elastic: SearchLibrary | None = None
+    grid_spacing_angstrom: float = 0.0
 
     @classmethod
     def build(
@@ -282,40 +380,50 @@ class SearchLibrary:
         box: int,
         pixel: float,
         device: torch.device | str,
+        *,
+        elastic: bool = False,
     ) -> SearchLibrary:
-        sb = _Band(
-            box,
-            pixel,
-            config.search_resolution_angstrom,
-            config.frequency_power,
-            torch.device(device),
-        )
+        """The rigid library (``elastic=False``, with its elastic one attached when the settings
+        ask for it) or the elastic library alone (``elastic=True``)."""
+        if elastic:
+            step, resolution = config.elastic_step_degrees, config.elastic_resolution_angstrom
+            shift_step = config.elastic_shift_step_px
+            model = reference.coarsened(600)
+            grid, spacing = elastic_grid(
+                model.modes.shape[0], config.elastic_range_angstrom, config.elastic_spacing_angstrom
+            )
+            amplitudes = torch.tensor(
+                grid * reference.amplitude_scale, dtype=torch.float32, device=device
+            )
+        else:
+            step, resolution = config.search_step_degrees, config.search_resolution_angstrom
+            shift_step, model, spacing = config.shift_step_px, reference, 0.0
+            amplitudes = torch.zeros(1, reference.modes.shape[0], device=device)
+        sb = _Band(box, pixel, resolution, config.frequency_power, torch.device(device))
         band = sb.band
-        rotations = torch.tensor(
-            rotation_grid(config.search_step_degrees), dtype=torch.float32, device=device
-        )
-        n_ref = rotations.shape[0]
-        # templates (amplitudes 0), in chunks to bound memory
+        grid_rot = torch.tensor(rotation_grid(step), dtype=torch.float32, device=device)
+        n_rot = grid_rot.shape[0]
         lib_re, lib_im = [], []
         zero_shift = torch.zeros(1, 2, device=device)
-        for start in range(0, n_ref, 512):
-            rot = rotations[start : start + 512]
-            pos = project_positions(
-                reference.coordinates[None], rot, zero_shift.expand(len(rot), 2)
-            )
-            t_re, t_im = render_fourier(
-                pos, band, sigma_angstrom=config.sigma_angstrom, weights=reference.weights
-            )
-            lib_re.append(t_re)
-            lib_im.append(t_im)
+        for q in amplitudes:  # each deformation, its projections in chunks to bound memory
+            coords = deform(model.coordinates, model.modes, q[None])[0]
+            for start in range(0, n_rot, 512):
+                rot = grid_rot[start : start + 512]
+                pos = project_positions(coords[None], rot, zero_shift.expand(len(rot), 2))
+                t_re, t_im = render_fourier(
+                    pos, band, sigma_angstrom=config.sigma_angstrom, weights=model.weights
+                )
+                lib_re.append(t_re)
+                lib_im.append(t_im)
+        n_ref = n_rot * len(amplitudes)
         t_re = torch.cat(lib_re).reshape(n_ref, -1)
         t_im = torch.cat(lib_im).reshape(n_ref, -1)
         wf = sb.weight.reshape(-1)
         # shift grid (Å): origins o; template with origin o = T0 * exp(+2 pi i k.o), so the
         # score is Re sum w conj(T0) X exp(-2 pi i k.o)
-        half = math.floor(config.max_shift_px / config.shift_step_px + 1e-9)
+        half = math.floor(config.max_shift_px / shift_step + 1e-9)
         steps = torch.arange(-half, half + 1, device=device, dtype=torch.float32)
-        steps = steps * config.shift_step_px * pixel
+        steps = steps * shift_step * pixel
         ox, oy = torch.meshgrid(steps, steps, indexing="xy")
         origins = torch.stack([ox.reshape(-1), oy.reshape(-1)], dim=1)  # (S, 2)
         phase = (
@@ -326,14 +434,26 @@ class SearchLibrary:
                 + origins[:, 1, None, None] * band.ky[None, :, None]
             )
         )  # (S, Ky, Kx)
+        extra = None
+        if (
+            not elastic
+            and config.elastic_range_angstrom > 0
+            and config.elastic_candidates > 0
+            and reference.modes.shape[0] > 0
+            and not (config.fixed_poses or config.local_poses)
+        ):
+            extra = cls.build(reference, config, box, pixel, device, elastic=True)
         return cls(
             band=sb,
-            rotations=rotations,
+            rotations=grid_rot.repeat(len(amplitudes), 1, 1),
             lib=torch.cat([t_re * wf, t_im * wf], dim=1),
             t_pow=(t_re * t_re + t_im * t_im) * wf,
             origins=origins,
             ramp_c=torch.cos(phase),
             ramp_s=torch.sin(phase),
+            starts=amplitudes.repeat_interleave(n_rot, dim=0) if elastic else None,
+            elastic=extra,
+            grid_spacing_angstrom=spacing,
         )
 
 
@@ -342,8 +462,10 @@ def _global_search(
     ctf_full: torch.Tensor | None,
     library: SearchLibrary,
     config: AlignmentConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best ``n_candidates`` (rotations (B, C, 3, 3), origins (B, C, 2) Å, scores (B, C))."""
+    n_candidates: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Best ``n_candidates`` (rotations (B, C, 3, 3), origins (B, C, 2) Å, scores (B, C),
+    starting amplitudes (B, C, M) of an elastic library, else None)."""
     device = spectra.device
     band = library.band.band
     b = spectra.shape[0]
@@ -360,9 +482,13 @@ def _global_search(
         library.t_pow,
     )
     ramp_c, ramp_s = library.ramp_c, library.ramp_s
-    best_rot = torch.empty(b, config.n_candidates, 3, 3, device=device)
-    best_org = torch.empty(b, config.n_candidates, 2, device=device)
-    best_score = torch.empty(b, config.n_candidates, device=device)
+    best_rot = torch.empty(b, n_candidates, 3, 3, device=device)
+    best_org = torch.empty(b, n_candidates, 2, device=device)
+    best_score = torch.empty(b, n_candidates, device=device)
+    starts = library.starts
+    best_q = (
+        None if starts is None else torch.empty(b, n_candidates, starts.shape[1], device=device)
+    )
     cos_nms = math.cos(math.radians(config.nms_degrees))
     for start in range(0, b, config.search_chunk):
         xr = x_re[start : start + config.search_chunk, None]
@@ -385,22 +511,24 @@ def _global_search(
         norm = torch.sqrt(tt * xx[:, None] + 1e-30)  # (P, R)
         score, which_shift = (dots / norm[:, None, :]).max(dim=1)  # (P, R)
         for p in range(score.shape[0]):
-            order = torch.argsort(score[p], descending=True)[: 64 * config.n_candidates]
+            order = torch.argsort(score[p], descending=True)[: 64 * n_candidates]
             picked: list[int] = []
             for r in order.tolist():
                 if all(
                     float((rotations[r] * rotations[q]).sum() - 1) / 2 <= cos_nms for q in picked
                 ):
                     picked.append(r)
-                    if len(picked) == config.n_candidates:
+                    if len(picked) == n_candidates:
                         break
-            while len(picked) < config.n_candidates:
+            while len(picked) < n_candidates:
                 picked.append(picked[-1])
             idx = torch.tensor(picked, device=device)
             best_rot[start + p] = rotations[idx]
             best_org[start + p] = origins[which_shift[p, idx]]
             best_score[start + p] = score[p, idx]
-    return best_rot, best_org, best_score
+            if best_q is not None and starts is not None:
+                best_q[start + p] = starts[idx]
+    return best_rot, best_org, best_score, best_q
 
 
 def _refine(
@@ -417,6 +545,7 @@ def _refine(
     pixel: float,
     *,
     rigid: bool,
+    amp_lr: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adam on -NCC from (rot0, org0, q0) for every row; returns (q, A, o, ncc)."""
     device = spectra.device
@@ -427,7 +556,7 @@ def _refine(
     q = q0.clone().requires_grad_(True)
     d = torch.zeros(n, 3, device=device, requires_grad=not rigid)
     o = org0.clone().requires_grad_(not rigid)
-    params = [{"params": [q], "lr": config.learning_rates[0]}]
+    params = [{"params": [q], "lr": amp_lr}]
     if not rigid:
         params += [
             {"params": [d], "lr": config.learning_rates[1]},
@@ -457,6 +586,76 @@ def _refine(
         ncc = similarity()
         rot = _skew_expm(d) @ rot0
     return q.detach(), rot.detach(), o.detach(), ncc.detach()
+
+
+def _refine_until_settled(
+    spectra: torch.Tensor,
+    ctf_full: torch.Tensor | None,
+    reference: ReferenceModel,
+    rot0: torch.Tensor,
+    org0: torch.Tensor,
+    q0: torch.Tensor,
+    config: AlignmentConfig,
+    band: int,
+    box: int,
+    pixel: float,
+    *,
+    rigid: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_refine` at band ``band`` (0 or 1), repeated from where it ended for the rows whose
+    amplitudes were still travelling at the band's capacity (a fresh Adam each round), at most
+    ``config.max_rounds`` times. Returns (q, A, o, ncc, still_travelling (rows,) bool).
+
+    With Adam a step moves an amplitude by about the learning rate whatever the gradient, so a
+    round of T cosine-decayed steps can move it at most ~``lr (T + 1) / 2``: a row that used
+    more than half of that is not known to have arrived, and gets another round."""
+    resolution = config.refine_resolution_angstrom[band]
+    iterations = config.iterations[band]
+    scale = reference.amplitude_scale
+    if config.amplitude_lr_angstrom is None:
+        amp_lr = config.learning_rates[0]
+    else:
+        amp_lr = config.amplitude_lr_angstrom[band] * scale
+    steps = (iterations + 1) / 2  # sum of the cosine-decayed rates over a round, in units of lr
+    amp_cap = amp_lr * steps
+    rot_cap = config.learning_rates[1] * steps  # rad
+    shift_cap = config.learning_rates[2] * steps  # Å
+
+    def travelled(
+        q_a: torch.Tensor, q_b: torch.Tensor, r_a: torch.Tensor, r_b: torch.Tensor,
+        o_a: torch.Tensor, o_b: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Rows that used over half of the round's reach in any parameter."""
+        cos = ((r_a * r_b).sum(dim=(1, 2)) - 1) / 2
+        angle = torch.arccos(cos.clamp(-1.0, 1.0))
+        out = (angle > 0.5 * rot_cap) | ((o_a - o_b).abs().amax(dim=1) > 0.5 * shift_cap)
+        if q_a.shape[1]:
+            out |= (q_a - q_b).abs().amax(dim=1) > 0.5 * amp_cap
+        return out & ~torch.tensor(rigid, device=out.device)
+
+    q, rot, org, ncc = _refine(
+        spectra, ctf_full, reference, rot0, org0, q0, config, resolution, iterations, box,
+        pixel, rigid=rigid, amp_lr=amp_lr,
+    )  # fmt: skip
+    travelling = travelled(q, q0, rot, rot0, org, org0)
+    if rigid and q.shape[1]:  # fixed poses: only the amplitudes move
+        travelling = (q - q0).abs().amax(dim=1) > 0.5 * amp_cap
+    for _ in range(config.max_rounds - 1):
+        idx = torch.nonzero(travelling).flatten()
+        if not len(idx) or not iterations:
+            break
+        q_s, rot_s, org_s = q[idx], rot[idx], org[idx]
+        q2, rot2, org2, ncc2 = _refine(
+            spectra[idx], None if ctf_full is None else ctf_full[idx], reference, rot_s,
+            org_s, q_s, config, resolution, iterations, box, pixel, rigid=rigid,
+            amp_lr=amp_lr,
+        )  # fmt: skip
+        q[idx], rot[idx], org[idx], ncc[idx] = q2, rot2, org2, ncc2
+        moved = travelled(q2, q_s, rot2, rot_s, org2, org_s)
+        if rigid and q.shape[1]:
+            moved = (q2 - q_s).abs().amax(dim=1) > 0.5 * amp_cap
+        travelling[idx] = moved
+    return q, rot, org, ncc, travelling
 
 
 def align_batch(
@@ -508,58 +707,66 @@ def align_batch(
             pixel_size_angstrom,
         ):
             raise ValueError("the search library was built for another box or pixel size")
-        rot_c, org_c, _ = _global_search(spectra, ctf_for_template, library, config)
+        rot_c, org_c, _, _ = _global_search(
+            spectra, ctf_for_template, library, config, config.n_candidates
+        )
         if progress:
             progress("search")
     n_c = rot_c.shape[1]
     starts = [float(a) for a in config.amplitude_starts] if m and amplitudes is None else [0.0]
     # candidates x amplitude starts (on the first mode)
-    rot_all = rot_c.repeat_interleave(len(starts), dim=1).reshape(-1, 3, 3)
-    org_all = org_c.repeat_interleave(len(starts), dim=1).reshape(-1, 2)
+    rot_all = rot_c.repeat_interleave(len(starts), dim=1)
+    org_all = org_c.repeat_interleave(len(starts), dim=1)
     q_all = torch.zeros(b, n_c * len(starts), m, device=device)
     if m:
         q_all[..., 0] = torch.tensor(starts, device=device).repeat(n_c)
     if amplitudes is not None:
         q_all = q_all + amplitudes.to(device, torch.float32)[:, None, :]
-    q_all = q_all.reshape(-1, m)
-    per = n_c * len(starts)
+    elastic = None if library is None or amplitudes is not None else library.elastic
+    if elastic is not None:  # candidates of the deformed references, with their amplitudes
+        rot_e, org_e, _, q_e = _global_search(
+            spectra, ctf_for_template, elastic, config, config.elastic_candidates
+        )
+        assert q_e is not None
+        rot_all = torch.cat([rot_all, rot_e], dim=1)
+        org_all = torch.cat([org_all, org_e], dim=1)
+        q_all = torch.cat([q_all, q_e], dim=1)
+    per = q_all.shape[1]
+    rot_all, org_all, q_all = (
+        rot_all.reshape(-1, 3, 3),
+        org_all.reshape(-1, 2),
+        q_all.reshape(-1, m),
+    )
     spec_all = spectra.repeat_interleave(per, dim=0)
     ctf_all = None if ctf_for_template is None else ctf_for_template.repeat_interleave(per, 0)
-    res1, res2 = config.refine_resolution_angstrom
-    it1, it2 = config.iterations
+    it2 = config.iterations[1]
     rigid = config.fixed_poses
     with torch.enable_grad():
-        q, rot, org, ncc = _refine(
-            spec_all,
-            ctf_all,
-            reference,
-            rot_all,
-            org_all,
-            q_all,
-            config,
-            res1,
-            it1,
-            box,
-            pixel_size_angstrom,
-            rigid=rigid,
-        )
+        # every candidate once; then more rounds at this band for the best one only
+        one = dataclasses.replace(config, max_rounds=1)
+        q, rot, org, ncc, moving1 = _refine_until_settled(
+            spec_all, ctf_all, reference, rot_all, org_all, q_all, one, 0, box,
+            pixel_size_angstrom, rigid=rigid,
+        )  # fmt: skip
         best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
+        q, rot, org, ncc, moving1 = q[best], rot[best], org[best], ncc[best], moving1[best]
+        if config.max_rounds > 1 and moving1.any():
+            idx = torch.nonzero(moving1).flatten()
+            more = dataclasses.replace(config, max_rounds=config.max_rounds - 1)
+            q_m, rot_m, org_m, ncc_m, moving_m = _refine_until_settled(
+                spectra[idx], None if ctf_for_template is None else ctf_for_template[idx],
+                reference, rot[idx], org[idx], q[idx], more, 0, box, pixel_size_angstrom,
+                rigid=rigid,
+            )  # fmt: skip
+            q[idx], rot[idx], org[idx], ncc[idx], moving1[idx] = q_m, rot_m, org_m, ncc_m, moving_m
         if progress:
             progress("refine")
-        q, rot, org, ncc = _refine(
-            spectra,
-            ctf_for_template,
-            reference if final_reference is None else final_reference,
-            rot[best],
-            org[best],
-            q[best],
-            config,
-            res2,
-            it2,
-            box,
-            pixel_size_angstrom,
-            rigid=rigid,
-        )
+        q, rot, org, ncc, moving = _refine_until_settled(
+            spectra, ctf_for_template, reference if final_reference is None else final_reference,
+            rot, org, q, config, 1, box, pixel_size_angstrom, rigid=rigid,
+        )  # fmt: skip
+        if not it2:
+            moving = moving1
     ok = torch.isfinite(ncc) & torch.isfinite(q).all(dim=1) & torch.isfinite(rot).all(dim=(1, 2))
     cost = torch.where(ok, 1.0 - ncc, torch.full_like(ncc, float("nan")))
     return AlignmentResult(
@@ -568,6 +775,12 @@ def align_batch(
         shifts_angstrom=org.double().cpu().numpy(),
         cost=cost.double().cpu().numpy(),
         converged=ok.cpu().numpy(),
+        extra={
+            "at_limit": moving.cpu().numpy(),
+            "rms_displacement_angstrom": (q.double().norm(dim=1) / reference.amplitude_scale)
+            .cpu()
+            .numpy(),
+        },
     )
 
 

@@ -6,6 +6,13 @@ atoms that move with them) comes from a modes file written by `deephemnma modes`
 rlnOriginXAngst/YAngst, _dhnAmplitude<mode> per mode and _dhnCost (1 - NCC; NaN with
 _dhnConverged 0 for a particle that failed), every other column kept, and DIR/alignment.json.
 
+--use-modes auto (the default) takes the --n-auto-modes lowest flexible modes whose
+collectivity is at least --min-collectivity, skipping local modes (one loop moving); the table
+of modes, chosen or not, is printed and kept in alignment.json. --symmetry Cn/Dn (RELION's
+axes: n-fold along z, the Dn 2-fold along x; the model's own axes when it is symmetric about
+others) folds every pose onto the representative nearest the identity among its equivalents
+A g; the amplitudes are not changed (they refer to the copy the pose found).
+
 Long runs checkpoint into DIR.partial/ every --checkpoint-every particles: rerun the same
 command to resume. Shard across processes or machines with torchrun, e.g.
   torchrun --nproc_per_node 2 -m deephemnma_bridge.cli align particles.star --modes m.npz --out a
@@ -20,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,20 @@ def _ints(text: str) -> list[int]:
         ) from None
 
 
+def _use_modes(text: str) -> str | list[int]:
+    return "auto" if text.strip().lower() == "auto" else _ints(text)
+
+
+def _symmetry(text: str) -> str:
+    from ..symmetry import parse_symmetry
+
+    try:
+        kind, n = parse_symmetry(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return f"{kind}{n}"
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -52,7 +75,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
     p("particles", type=Path, help="RELION .star or cryoSPARC .cs")
     p("--modes", type=Path, required=True, help="modes .npz (deephemnma modes / simulate)")
-    p("--use-modes", type=_ints, default=[7, 8, 9], help="mode numbers (default 7,8,9)")
+    p(
+        "--use-modes",
+        type=_use_modes,
+        default="auto",
+        help="mode numbers (e.g. 7,8,9), or auto (default): the --n-auto-modes lowest flexible "
+        "modes with a collectivity >= --min-collectivity",
+    )
+    p(
+        "--min-collectivity",
+        type=float,
+        default=None,
+        help="collectivity threshold of auto; explicit modes below it are warned about "
+        "(default 0.2)",
+    )
+    p("--n-auto-modes", type=int, default=None, help="modes auto takes (3)")
+    p(
+        "--symmetry",
+        type=_symmetry,
+        default="C1",
+        help="point group Cn or Dn of a (pseudo-)symmetric reference: poses are folded onto "
+        "one asymmetric unit (default C1: none)",
+    )
     p("--out", type=Path, required=True, help="output folder")
     p(
         "--overwrite",
@@ -83,6 +127,36 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--search-resolution", type=float, default=10.0, help="global-search band, Å (10)")
     p("--max-shift", type=float, default=6.0, help="shift search range, working px (6)")
     p("--candidates", type=int, default=4, help="orientations kept for refinement (4)")
+    p(
+        "--elastic-range",
+        type=float,
+        default=8.0,
+        help="elastic search: deformed references up to this RMS displacement, Å (8; 0: off)",
+    )
+    p(
+        "--elastic-spacing",
+        type=float,
+        default=4.0,
+        help="elastic search grid spacing, Å RMS per mode (4; widened to keep <= 48 shapes)",
+    )
+    p(
+        "--elastic-candidates",
+        type=int,
+        default=2,
+        help="orientations of the deformed references kept for refinement (2)",
+    )
+    p(
+        "--amplitude-step",
+        type=_floats,
+        default=[0.25, 0.1],
+        help="Adam step of the amplitudes per band, Å RMS displacement (0.25,0.1)",
+    )
+    p(
+        "--max-rounds",
+        type=int,
+        default=5,
+        help="rounds per band for particles still moving at the band's capacity (5)",
+    )
     p("--refine-resolution", type=_floats, default=[7.0, 4.0], help="two bands, Å (7,4)")
     p("--iterations", type=_ints, default=[40, 25], help="Adam steps per band (40,25)")
     p(
@@ -125,6 +199,11 @@ def _config(args: argparse.Namespace) -> Any:
         search_resolution_angstrom=args.search_resolution,
         max_shift_px=args.max_shift,
         n_candidates=args.candidates,
+        elastic_range_angstrom=args.elastic_range,
+        elastic_spacing_angstrom=args.elastic_spacing,
+        elastic_candidates=args.elastic_candidates,
+        amplitude_lr_angstrom=(args.amplitude_step[0], args.amplitude_step[-1]),
+        max_rounds=args.max_rounds,
         refine_resolution_angstrom=(args.refine_resolution[0], args.refine_resolution[1]),
         iterations=(args.iterations[0], args.iterations[1]),
         amplitude_starts=tuple(args.amplitude_starts) or (0.0,),
@@ -200,6 +279,117 @@ def build_reference(
     return reference, template, final
 
 
+def choose_modes(
+    modes: Any,
+    use_modes: str | list[int],
+    *,
+    min_collectivity: float | None = None,
+    n_auto_modes: int | None = None,
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """The mode numbers to align (``"auto"`` resolved by `select_collective_modes`) and the
+    table of the flexible modes: ``{"mode", "eigenvalue", "collectivity", "chosen"}``.
+
+    An explicit mode whose collectivity is below the threshold gets a warning naming it."""
+    import warnings
+
+    from ..nma.modes import (
+        DEFAULT_MIN_COLLECTIVITY,
+        DEFAULT_N_AUTO_MODES,
+        select_collective_modes,
+    )
+
+    threshold = DEFAULT_MIN_COLLECTIVITY if min_collectivity is None else min_collectivity
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"--min-collectivity must be in [0, 1], got {threshold}")
+    if use_modes == "auto":
+        try:
+            chosen = select_collective_modes(
+                modes.mode_numbers,
+                modes.collectivity,
+                n_modes=DEFAULT_N_AUTO_MODES if n_auto_modes is None else n_auto_modes,
+                min_collectivity=threshold,
+            )
+        except InputError as exc:
+            raise InputError(f"--use-modes auto: {exc}") from None
+    else:
+        chosen = [int(m) for m in use_modes]
+        if not chosen:
+            raise InputError("--use-modes: no mode numbers given (e.g. 7,8,9 or auto)")
+        if len(set(chosen)) != len(chosen):
+            raise InputError(f"--use-modes {chosen}: a mode is given twice")
+        if n_auto_modes is not None:
+            raise InputError("--n-auto-modes applies to --use-modes auto only")
+        coll = {int(m): float(c) for m, c in zip(modes.mode_numbers, modes.collectivity)}
+        local = [m for m in chosen if m > 6 and m in coll and coll[m] < threshold]
+        if local:
+            named = ", ".join(f"{m} ({coll[m]:.3f})" for m in local)
+            warnings.warn(
+                f"--use-modes: mode(s) {named} have a collectivity below {threshold:g}: "
+                "local motions (a loop, a terminus), whose amplitudes are poorly determined; "
+                "--use-modes auto skips them",
+                stacklevel=2,
+            )
+    table = [
+        {
+            "mode": int(m),
+            "eigenvalue": float(ev),
+            "collectivity": float(c),
+            "chosen": int(m) in chosen,
+        }
+        for m, ev, c in zip(modes.mode_numbers, modes.eigenvalues, modes.collectivity)
+        if m > 6
+    ]
+    return chosen, table
+
+
+def _print_mode_table(table: list[dict[str, Any]], threshold: float) -> None:
+    print(f"{'mode':>5} {'eigenvalue':>12} {'collectivity':>12}  chosen")
+    for row in table:
+        low = f"  (local: collectivity < {threshold:g})" if row["collectivity"] < threshold else ""
+        mark = "   *" if row["chosen"] else ""
+        print(f"{row['mode']:5d} {row['eigenvalue']:12.5g} {row['collectivity']:12.3f}{mark}{low}")
+
+
+def symmetry_group(modes: Any, symbol: str) -> tuple[Any, dict[str, Any]]:
+    """The group (|G|, 3, 3) of ``symbol`` about the reference's rotation centre, and what was
+    found: RELION's axes when the model is symmetric about them, else the model's own axes
+    (`find_symmetry_frame`). Raises `InputError` when the model has no such symmetry."""
+    from ..symmetry import (
+        find_symmetry_frame,
+        group_order,
+        node_spacing,
+        point_group,
+        symmetry_deviation,
+    )
+
+    if symbol == "C1":
+        return None, {"symbol": "C1"}
+    centre = modes.settings.get("map_centre_angstrom")
+    xyz = np.asarray(modes.coordinates, dtype=np.float64)
+    xyz = xyz - (xyz.mean(axis=0) if centre is None else np.asarray(centre, dtype=np.float64))
+    limit = 0.75 * node_spacing(xyz)  # a node moved by g lands within this of another one
+    frame = np.eye(3)
+    deviation = symmetry_deviation(xyz, point_group(symbol))
+    if deviation > limit:
+        frame, deviation = find_symmetry_frame(xyz, symbol)
+        if deviation > limit:
+            raise InputError(
+                f"--symmetry {symbol}: the reference is not {symbol}-symmetric about its "
+                f"rotation centre, neither about RELION's axes (z; x for the Dn 2-fold) nor "
+                f"about its principal axes (nodes moved by the group land {deviation:.1f} Å RMS "
+                f"from the nearest node, more than {limit:.1f} Å); check the symbol"
+            )
+    info = {
+        "symbol": symbol,
+        "order": group_order(symbol),
+        "relion_axes": bool(np.allclose(frame, np.eye(3))),
+        "n_fold_axis": frame[:, 2].round(6).tolist(),
+        "two_fold_axis": frame[:, 0].round(6).tolist() if symbol.startswith("D") else None,
+        "deviation_angstrom": round(deviation, 3),
+    }
+    return point_group(symbol, frame), info
+
+
 def main(args: argparse.Namespace) -> int:
     """Align; return 0."""
     import torch
@@ -242,13 +432,37 @@ def main(args: argparse.Namespace) -> int:
     check_images(images, table)  # missing stacks fail now, not after the set-up
     from ..nma import NormalModes
 
-    modes_id = NormalModes.load(args.modes).fingerprint()
+    all_modes = NormalModes.load(args.modes)
+    modes_id = all_modes.fingerprint()
+    requested = args.use_modes
+    from ..nma.modes import DEFAULT_MIN_COLLECTIVITY
+
+    threshold = DEFAULT_MIN_COLLECTIVITY if args.min_collectivity is None else args.min_collectivity
+    args.use_modes, mode_table = choose_modes(
+        all_modes,
+        requested,
+        min_collectivity=args.min_collectivity,
+        n_auto_modes=args.n_auto_modes,
+    )
+    group, symmetry_info = symmetry_group(all_modes, args.symmetry)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_mode_table(mode_table, threshold)
+        if group is not None:
+            axes = "RELION's axes" if symmetry_info["relion_axes"] else "the model's own axes"
+            print(
+                f"symmetry {args.symmetry} about {axes} (n-fold axis "
+                f"{symmetry_info['n_fold_axis']}, deviation "
+                f"{symmetry_info['deviation_angstrom']:.2f} Å)"
+            )
     reference, template, final_reference = _reference(args, box * pixel, device)
     settings = {
         "particles": input_identity(args.particles, table),
         "modes": str(args.modes),
         "modes_sha256": file_sha256(args.modes),
         "use_modes": args.use_modes,
+        "use_modes_requested": requested,
+        "min_collectivity": threshold,
+        "symmetry": args.symmetry,
         "template": template,
         "final_template": "atoms" if final_reference is not None else template,
         "working_size_px": working,
@@ -263,6 +477,7 @@ def main(args: argparse.Namespace) -> int:
         "shifts": ((2,), np.float64),
         "cost": ((), np.float64),
         "converged": ((), np.bool_),
+        "at_limit": ((), np.bool_),
     }
     run = ShardedRun(
         args.out, n, fields, settings, device, args.checkpoint_every, restart=args.restart
@@ -307,6 +522,7 @@ def main(args: argparse.Namespace) -> int:
                 shifts=result.shifts_angstrom,
                 cost=result.cost,
                 converged=result.converged,
+                at_limit=result.extra["at_limit"],
             )
             bar.update(len(rows))
     bar.close()
@@ -317,12 +533,32 @@ def main(args: argparse.Namespace) -> int:
         return 0
     amplitudes, rotations, shifts_all = merged["amplitudes"], merged["rotations"], merged["shifts"]
     cost, converged = merged["cost"], merged["converged"]
+    symmetry_element = None
+    if group is not None:  # one representative of {A g}: the one nearest the identity
+        from ..symmetry import fold_poses
+
+        rotations, symmetry_element = fold_poses(rotations, group)
     columns: dict[str, Any] = {
         f"dhnAmplitude{k}": amplitudes[:, j] for j, k in enumerate(args.use_modes)
     }
     columns["dhnCost"] = cost
     columns["dhnModes"] = np.full(n, modes_id, dtype=object)  # which modes: predict/analyze check
     columns["dhnConverged"] = converged.astype(np.int64)
+    at_limit = merged["at_limit"]
+    columns["dhnAtLimit"] = at_limit.astype(np.int64)
+    scale = float(np.sqrt(NormalModes.load(args.modes).n_nodes))
+    rms = np.linalg.norm(amplitudes, axis=1) / scale
+    columns["dhnRmsDisplacement"] = rms
+    if at_limit.any():
+        warnings.warn(
+            f"{int(at_limit.sum())} of {n} particles' amplitudes were still moving after "
+            f"{config.max_rounds} rounds of each band (flagged _dhnAtLimit 1): their amplitudes "
+            "may be short of the truth; raise --max-rounds or --amplitude-step",
+            UserWarning,
+            stacklevel=2,
+        )
+    if symmetry_element is not None:  # the g applied: the unfolded pose is A g^-1
+        columns["dhnSymmetryElement"] = symmetry_element
     outliers = None
     if args.outliers is not None:
         outliers, distance = mahalanobis_outliers(amplitudes, args.outliers)
@@ -350,10 +586,21 @@ def main(args: argparse.Namespace) -> int:
             "device": str(device),
             "median_cost": float(np.nanmedian(cost)),
             "tilt_range_degrees": [float(eulers[:, 1].min()), float(eulers[:, 1].max())],
+            "modes_table": mode_table,
+            "symmetry": {
+                **symmetry_info,
+                "poses": "unchanged"
+                if group is None
+                else "folded: A g nearest the identity (g in the group, _dhnSymmetryElement); "
+                "amplitudes unchanged, they refer to the copy of the pose found",
+                "group": None if group is None else np.asarray(group).round(9).tolist(),
+            },
         }
         (tmp / "alignment.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     run.close(success=True)
     failed = f", {info['n_failed']} failed (NaN cost)" if info["n_failed"] else ""
     flagged = "" if outliers is None else f", {int(outliers.sum())} outliers flagged"
+    if group is not None:
+        flagged += f", poses folded by {args.symmetry} symmetry (amplitudes unchanged)"
     print(f"aligned {n} particles in {elapsed:.1f} s{failed}{flagged} -> {args.out}")
     return 0

@@ -139,7 +139,12 @@ def main(args: argparse.Namespace) -> int:
     from ..data import default_model_path
     from ..fileutils import check_not_input, check_output_dir
     from ..nma import compute_normal_modes, deform_atoms
-    from ..nma.modes import DEFAULT_CUTOFF_ANGSTROM
+    from ..nma.modes import (
+        DEFAULT_CUTOFF_ANGSTROM,
+        DEFAULT_MIN_COLLECTIVITY,
+        DEFAULT_N_AUTO_MODES,
+        select_collective_modes,
+    )
 
     path = args.model if args.model is not None else default_model_path()
     args.model = Path(path)
@@ -208,10 +213,26 @@ def main(args: argparse.Namespace) -> int:
         f"{len(cg)} nodes, cutoff {s['cutoff_angstrom']:.2f} Å, {s['n_springs']} springs, "
         f"solver {s['method']}, {s['seconds']:.2f} s -> {args.out}"
     )
+    try:  # what `align --use-modes auto` (the default) takes with its default settings
+        auto = select_collective_modes(modes.mode_numbers, modes.collectivity)
+    except InputError:
+        auto = []
     print(f"{'mode':>5} {'eigenvalue':>12} {'collectivity':>12}")
     for m, ev, c in zip(modes.mode_numbers, modes.eigenvalues, modes.collectivity):
-        tag = "  rigid body" if m <= 6 else ("  (collectivity < 0.15)" if c < 0.15 else "")
+        low = f"  (local: collectivity < {DEFAULT_MIN_COLLECTIVITY:g})"
+        tag = (
+            "  rigid body"
+            if m <= 6
+            else ("  auto" if m in auto else low if c < DEFAULT_MIN_COLLECTIVITY else "")
+        )
         print(f"{m:5d} {ev:12.5g} {c:12.3f}{tag}")
+    if auto:
+        print(f"align --use-modes auto (the default) takes modes {','.join(map(str, auto))}")
+    else:
+        print(
+            f"fewer than {DEFAULT_N_AUTO_MODES} flexible modes have a collectivity >= "
+            f"{DEFAULT_MIN_COLLECTIVITY:g}: give align --use-modes or compute more --n-modes"
+        )
     if args.animate is not None:
         from ..fileutils import claim_output_dir
 

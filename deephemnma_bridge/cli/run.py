@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "particles": None,
     "model": None,
     "modes": None,
-    "use_modes": "7,8,9",
+    "use_modes": "auto",
     "n_modes": 20,
     "n_train": None,
     "seed": 0,
@@ -69,7 +69,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--particles", default=None, help="RELION .star or cryoSPARC .cs")
     p("--model", default=None, help="PDB/mmCIF model or MRC map (modes are computed)")
     p("--modes", default=None, help="modes .npz instead of --model")
-    p("--use-modes", default=None, help="mode numbers (7,8,9)")
+    p(
+        "--use-modes",
+        default=None,
+        help="mode numbers (e.g. 7,8,9) or auto (default: the 3 lowest collective modes)",
+    )
     p("--n-modes", type=int, default=None, help="modes computed from --model (20)")
     p(
         "--n-train",
@@ -140,7 +144,7 @@ def checked_config(loaded: dict[str, Any], path: Path) -> dict[str, Any]:
                 raise bad("true or false")
         elif key == "use_modes" and isinstance(value, list):
             if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise bad("a list of mode numbers, e.g. [7, 8, 9], or a string '7,8,9'")
+                raise bad("a list of mode numbers, e.g. [7, 8, 9], or a string '7,8,9' or 'auto'")
         elif key == "relion_version" and isinstance(value, float):
             value = f"{value:.1f}"
         elif not isinstance(value, str):

@@ -14,6 +14,17 @@ Tilt/Psi, _dhnTrueOriginXAngst/YAngst; no _rlnAngle*/_rlnOrigin* columns), parti
 modes.npz (the modes used, coordinates centred on the rotation centre) and simulation.json
 (settings and the measured SNR, also in the bands below 10 Å and 7 Å).
 
+``--conformation OTHER.pdb`` renders another conformation of the molecule (e.g. closed 1AKE)
+in the frame of the modes (e.g. open 4AKE's): its Cα/P nodes are matched in order with the
+modes' nodes (same count needed: --conformation-chains selects chains), it is superposed on
+them (Kabsch; --conformation-frame as-is keeps its coordinates when already superposed on the
+modes' model), its atoms move with the matched nodes and it is rotated about the same centre
+(the modes' node centroid, written as rotation_centre_angstrom), so `deephemnma align --modes
+DIR/modes.npz` sees consistent poses. Amplitudes drawn on top default to none (--max-rms 0).
+The Cα RMSD and the projection of its node displacement (other - reference) on each chosen mode
+(amplitude q displaces node i by q u_i Å, u unit-norm over 3N) are printed and recorded in
+simulation.json ("conformation"); _dhnTrueAmplitude<mode> = projection + drawn amplitude.
+
 ``--protocol paper`` renders at twice the box and half the pixel size (256 px, 0.325 Å by
 default), defines the SNR there, then phase-flips and Fourier-crops: the images written are then
 already phase-flipped.
@@ -21,6 +32,9 @@ already phase-flipped.
 Example:
   deephemnma simulate --n 2000 --snr 0.1 --seed 1 --out sim1
   deephemnma simulate --modes modes.npz --use-modes 7,8 --render nodes --n 500 --out sim2
+  deephemnma modes 4ake.pdb --chains A --out open.npz
+  deephemnma simulate --modes open.npz --use-modes 7,8,9,10,11,12 --conformation 1ake.pdb \
+      --conformation-chains A --n 500 --out closed_in_open
 """
 
 from __future__ import annotations
@@ -41,11 +55,14 @@ from ..errors import InputError
 from ..fileutils import atomic_dir, check_output_dir
 from ..progress import progress
 from ..simulate import (
+    Conformation,
     SimulationConfig,
     SimulationModel,
     SimulationStats,
     check_simulation,
     draw_truth,
+    place_conformation,
+    project_displacement,
     simulate_images,
     simulation_table,
 )
@@ -91,8 +108,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p(
         "--max-rms",
         type=float,
-        default=3.0,
-        help="largest RMS node displacement of the amplitude distribution, Å (default 3)",
+        default=None,
+        help="largest RMS node displacement of the amplitude distribution, Å (default 3; 0 "
+        "with --conformation)",
     )
     p("--helix-turns", type=float, default=2.0)
     p("--clusters", type=int, default=4, help="number of clusters for --amplitudes clusters")
@@ -109,6 +127,26 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="Gaussian sigma of each rendered point, Å (default 1.0 atoms, 2.0 nodes)",
+    )
+    p(
+        "--conformation",
+        "--render-model",
+        dest="conformation",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="PDB/mmCIF of another conformation to render in the modes' frame",
+    )
+    p(
+        "--conformation-chains",
+        default=None,
+        help="comma-separated chains of --conformation to keep (default all)",
+    )
+    p(
+        "--conformation-frame",
+        choices=["superpose", "as-is"],
+        default="superpose",
+        help="superpose --conformation on the modes' nodes (default), or use it as given",
     )
     p("--seed", type=int, default=0)
     p("--chunk-size", type=int, default=256, help="particles rendered at once (default 256)")
@@ -164,6 +202,82 @@ def _load_modes(args: argparse.Namespace) -> tuple[Any, NDArray[Any] | None, NDA
     return dataclasses.replace(modes, **extra), atoms, owner
 
 
+def _load_conformation(args: argparse.Namespace, modes: Any) -> Conformation:
+    """Read --conformation, match its nodes in order with the modes' nodes, place it."""
+    from ..adapters.structure import read_structure
+    from ..coarse_grain import coarse_grain
+
+    path = Path(args.conformation)
+    if not path.exists():
+        raise InputError(f"--conformation {path}: no such file")
+    chains = [c for c in (args.conformation_chains or "").split(",") if c] or None
+    other = read_structure(path, chains=chains)
+    nodes = modes.settings.get("nodes", "ca")
+    cg = coarse_grain(other, nodes=nodes if nodes in ("ca", "heavy") else "ca")
+    ref = np.asarray(modes.coordinates, dtype=np.float64)
+    if len(cg) != len(ref):
+        raise InputError(
+            f"--conformation {path}: {len(cg)} network nodes, the modes' network has {len(ref)}; "
+            "they are matched in order, so select the same chains (--conformation-chains) and "
+            "residues"
+        )
+    if args.render == "atoms":
+        points, owner = np.asarray(other.coordinates_angstrom), np.asarray(cg.atom_node)
+    else:
+        points, owner = np.asarray(cg.coordinates_angstrom), np.arange(len(cg))
+    conf = place_conformation(
+        ref,
+        cg.coordinates_angstrom,
+        points,
+        owner,
+        superpose_nodes=args.conformation_frame == "superpose",
+    )
+    return conf
+
+
+def _conformation_info(
+    args: argparse.Namespace, modes: Any, model: SimulationModel, conf: Conformation
+) -> dict[str, Any]:
+    """What simulation.json records about --conformation; printed in short.
+
+    ``fraction_carried`` is ``|U q|^2 / |d|^2`` (squared displacement), ``fraction_of_norm_carried``
+    its square root (``|U q| / |d|``)."""
+    displacement = conf.node_coordinates - np.asarray(modes.coordinates, dtype=np.float64)
+    q, per_mode, carried = project_displacement(model.modes, displacement)
+    flexible = np.asarray(modes.vectors)[np.asarray(modes.mode_numbers) > 6]
+    everything = project_displacement(flexible, displacement)[2] if len(flexible) else 0.0
+    numbers = [int(m) for m in model.mode_numbers]
+    info = {
+        "path": str(args.conformation),
+        "chains": args.conformation_chains,
+        "frame": "superposed on the modes' nodes (Kabsch)" if conf.superposed else "as given",
+        "matching": "nodes in order",
+        "n_nodes": len(conf.node_coordinates),
+        "n_rendered_points": len(conf.render_coordinates),
+        "node_rmsd_as_given_angstrom": conf.rmsd_as_given,
+        "node_rmsd_angstrom": conf.rmsd_angstrom,
+        "superposition_rotation": conf.rotation.tolist(),
+        "superposition_translation_angstrom": conf.translation.tolist(),
+        "displacement": "other - reference nodes, Å, in the modes' frame",
+        "amplitude_unit": "q displaces node i by q u_i Å (u unit-norm over 3N)",
+        "projection": {str(m): float(v) for m, v in zip(numbers, q)},
+        "fraction_per_mode": {str(m): float(v) for m, v in zip(numbers, per_mode)},
+        "fraction_carried": carried,
+        "fraction_of_norm_carried": float(np.sqrt(carried)),
+        "fraction_carried_by_all_flexible_modes_in_file": everything,
+        "rms_displacement_carried_angstrom": float(model.rms_displacement(q)),
+    }
+    print(
+        f"conformation {args.conformation}: {len(conf.node_coordinates)} nodes matched in order, "
+        f"Cα/P RMSD {conf.rmsd_angstrom:.3f} Å "
+        + ("after superposition" if conf.superposed else "as given")
+        + f"; projection on modes {', '.join(f'{m}: {v:.2f}' for m, v in zip(numbers, q))} "
+        f"carries {100 * carried:.1f} % of the squared displacement "
+        f"({100 * np.sqrt(carried):.1f} % of its norm)"
+    )
+    return info
+
+
 def _save_modes(modes: Any, path: Path, centre: NDArray[np.float64]) -> None:
     """Save the modes with coordinates (and atom coordinates) centred on the rotation centre."""
     changes: dict[str, Any] = {"coordinates": np.asarray(modes.coordinates) - centre}
@@ -213,6 +327,9 @@ def main(args: argparse.Namespace) -> int:
     from ..adapters.images import StackWriter
 
     sigma = args.sigma if args.sigma is not None else (1.0 if args.render == "atoms" else 2.0)
+    max_rms = args.max_rms
+    if max_rms is None:
+        max_rms = 0.0 if args.conformation is not None else 3.0
     config = SimulationConfig(
         n_particles=args.n,
         box_size_px=args.box,
@@ -220,7 +337,7 @@ def main(args: argparse.Namespace) -> int:
         snr=args.snr,
         noise_before_ctf_fraction=args.noise_before_ctf,
         amplitudes=args.amplitudes,
-        max_rms_displacement_angstrom=args.max_rms,
+        max_rms_displacement_angstrom=max_rms,
         helix_turns=args.helix_turns,
         n_clusters=args.clusters,
         shift_range_px=args.shift_range,
@@ -234,7 +351,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         chunk_size=max(1, args.chunk_size),
     )
-    inputs = tuple(x for x in (args.modes, args.model) if x is not None)
+    inputs = tuple(x for x in (args.modes, args.model, args.conformation) if x is not None)
     check_output_dir(args.out, command="simulate", inputs=inputs, overwrite=args.overwrite)
     check_room_for_output(args.out, config)
     device = resolve_device(args.device)
@@ -244,14 +361,27 @@ def main(args: argparse.Namespace) -> int:
             f"the modes file {args.modes} has no atom coordinates to render; use "
             "--render nodes, or omit --modes to compute modes from --model"
         )
-    model = SimulationModel.from_arrays(
-        np.asarray(modes.coordinates),
-        np.asarray(modes.vectors),
-        np.asarray(modes.mode_numbers),
-        args.use_modes,
-        atom_coordinates=atoms if args.render == "atoms" else None,
-        atom_node=owner if args.render == "atoms" else None,
-    )
+    conf = _load_conformation(args, modes) if args.conformation is not None else None
+    if conf is None:
+        model = SimulationModel.from_arrays(
+            np.asarray(modes.coordinates),
+            np.asarray(modes.vectors),
+            np.asarray(modes.mode_numbers),
+            args.use_modes,
+            atom_coordinates=atoms if args.render == "atoms" else None,
+            atom_node=owner if args.render == "atoms" else None,
+        )
+    else:
+        model = SimulationModel.from_arrays(
+            np.asarray(modes.coordinates),
+            np.asarray(modes.vectors),
+            np.asarray(modes.mode_numbers),
+            args.use_modes,
+            atom_coordinates=conf.render_coordinates,
+            atom_node=conf.render_node,
+            conformation_nodes=conf.node_coordinates,
+        )
+    conformation_info = None if conf is None else _conformation_info(args, modes, model, conf)
     truth = draw_truth(config, model)
     check_simulation(config, model, truth)
     stats = SimulationStats()
@@ -284,6 +414,8 @@ def main(args: argparse.Namespace) -> int:
             "images_phase_flipped": config.protocol == "paper",
             "measured": measured,
         }
+        if conformation_info is not None:
+            info["conformation"] = conformation_info
         (tmp / "simulation.json").write_text(json.dumps(info, indent=2) + "\n")
     where = (
         f" (requested {config.snr:g} at {config.render_box_px} px before cropping)"

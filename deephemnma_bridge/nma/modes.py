@@ -53,6 +53,8 @@ from .network import check_connected, connecting_cutoff, contact_pairs, relative
 
 __all__ = [
     "DEFAULT_CUTOFF_ANGSTROM",
+    "DEFAULT_MIN_COLLECTIVITY",
+    "DEFAULT_N_AUTO_MODES",
     "FloppyNetworkError",
     "NormalModes",
     "check_modes_match",
@@ -61,6 +63,7 @@ __all__ = [
     "fix_signs",
     "rigid_body_basis",
     "rtb_projection",
+    "select_collective_modes",
 ]
 
 Method = Literal["auto", "dense", "sparse", "rtb"]
@@ -68,6 +71,12 @@ DENSE_MAX_NODES = 1000
 #: Default absolute cutoffs (Å) by node type; pseudoatoms use the relative (percentile) cutoff.
 DEFAULT_CUTOFF_ANGSTROM = {"ca": 15.0, "heavy": 8.0}
 _FORMAT = "deephemnma-modes/1"
+#: ``--use-modes auto``: modes with a collectivity below this are local (a loop, a terminus).
+#: Modes 7-20 of 4AKE chain A, 7PBL and 4YVS: the collective ones are 0.23-0.78, the local
+#: ones 0.001-0.002 (7PBL modes 7 and 15: one loop) and 0.10-0.14 (4AKE modes 17 and 19).
+DEFAULT_MIN_COLLECTIVITY = 0.2
+#: ``--use-modes auto``: how many modes are chosen.
+DEFAULT_N_AUTO_MODES = 3
 
 
 class FloppyNetworkError(InputError):
@@ -242,6 +251,48 @@ def collectivity(
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
     return np.exp(entropy) / vectors.shape[1]
+
+
+def select_collective_modes(
+    mode_numbers: ArrayLike,
+    collectivity: ArrayLike,
+    *,
+    n_modes: int = DEFAULT_N_AUTO_MODES,
+    min_collectivity: float = DEFAULT_MIN_COLLECTIVITY,
+) -> list[int]:
+    """The ``n_modes`` lowest flexible modes (numbers > 6) whose collectivity is at least
+    ``min_collectivity``, in ascending mode number (= ascending eigenvalue).
+
+    Raises `InputError` when fewer qualify, naming how many did and what to change.
+
+    >>> select_collective_modes([6, 7, 8, 9, 10], [0.8, 0.001, 0.4, 0.7, 0.5], n_modes=2)
+    [8, 9]
+    """
+    numbers = np.asarray(mode_numbers, dtype=np.int64).reshape(-1)
+    coll = np.asarray(collectivity, dtype=np.float64).reshape(-1)
+    if numbers.shape != coll.shape:
+        raise ValueError(
+            f"one collectivity per mode needed: {numbers.shape[0]} modes, {coll.shape[0]} values"
+        )
+    if n_modes < 1:
+        raise InputError(f"the number of modes to choose must be >= 1, got {n_modes}")
+    if not 0.0 <= min_collectivity <= 1.0:
+        raise InputError(f"the collectivity threshold must be in [0, 1], got {min_collectivity}")
+    order = np.argsort(numbers, kind="stable")
+    numbers, coll = numbers[order], coll[order]
+    flexible = numbers > 6
+    ok = flexible & np.isfinite(coll) & (coll >= min_collectivity)
+    chosen = [int(m) for m in numbers[ok][:n_modes]]
+    if len(chosen) < n_modes:
+        n_flex = int(flexible.sum())
+        raise InputError(
+            f"only {len(chosen)} of the {n_flex} flexible modes "
+            f"({', '.join(str(int(m)) for m in numbers[flexible]) or 'none'}) have a "
+            f"collectivity >= {min_collectivity:g}, {n_modes} were asked: compute more modes "
+            "(deephemnma modes --n-modes), lower --min-collectivity or --n-auto-modes, or give "
+            "--use-modes explicitly"
+        )
+    return chosen
 
 
 def fix_signs(vectors: NDArray[np.float64]) -> NDArray[np.float64]:
