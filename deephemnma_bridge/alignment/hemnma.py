@@ -93,6 +93,7 @@ class AlignmentConfig:
     elastic_step_degrees: float = 20.0
     elastic_shift_step_px: float = 3.0
     elastic_candidates: int = 2
+    elastic_max_blobs: int = 96  # consecutive residues merged: ~3 per blob for 300 residues
     amplitude_starts: tuple[float, ...] = (0.0,)
     ctf: Literal["full", "flip"] = "full"
     frequency_power: float = 0.0
@@ -388,7 +389,7 @@ class SearchLibrary:
         if elastic:
             step, resolution = config.elastic_step_degrees, config.elastic_resolution_angstrom
             shift_step = config.elastic_shift_step_px
-            model = reference.coarsened(600)
+            model = reference.coarsened(config.elastic_max_blobs)
             grid, spacing = elastic_grid(
                 model.modes.shape[0], config.elastic_range_angstrom, config.elastic_spacing_angstrom
             )
@@ -546,8 +547,10 @@ def _refine(
     *,
     rigid: bool,
     amp_lr: float,
+    midpoint: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adam on -NCC from (rot0, org0, q0) for every row; returns (q, A, o, ncc)."""
+    """Adam on -NCC from (rot0, org0, q0) for every row; returns (q, A, o, ncc). A list given as
+    ``midpoint`` receives (q, A, o) at the start of the second half of the steps."""
     device = spectra.device
     sb = _Band(box, pixel, resolution, config.frequency_power, device)
     x_re, x_im = sb.band.extract(spectra)
@@ -576,7 +579,12 @@ def _refine(
             t_re, t_im = t_re * c, t_im * c
         return _ncc(t_re, t_im, x_re, x_im, sb.weight)
 
-    for _ in range(iterations):
+    half = iterations // 2
+    mid = (q0.clone(), rot0.clone(), org0.clone())
+    for step in range(iterations):
+        if step == half:  # where the second half of the round starts (see _refine_until_settled)
+            with torch.no_grad():
+                mid = (q.detach().clone(), _skew_expm(d) @ rot0, o.detach().clone())
         opt.zero_grad(set_to_none=True)
         loss = -similarity().sum()
         loss.backward()
@@ -585,6 +593,8 @@ def _refine(
     with torch.no_grad():
         ncc = similarity()
         rot = _skew_expm(d) @ rot0
+    if midpoint is not None:
+        midpoint[:] = mid
     return q.detach(), rot.detach(), o.detach(), ncc.detach()
 
 
@@ -606,9 +616,10 @@ def _refine_until_settled(
     amplitudes were still travelling at the band's capacity (a fresh Adam each round), at most
     ``config.max_rounds`` times. Returns (q, A, o, ncc, still_travelling (rows,) bool).
 
-    With Adam a step moves an amplitude by about the learning rate whatever the gradient, so a
-    round of T cosine-decayed steps can move it at most ~``lr (T + 1) / 2``: a row that used
-    more than half of that is not known to have arrived, and gets another round."""
+    With Adam a step moves a parameter by about its learning rate whatever the gradient, so the
+    second half of a round of T cosine-decayed steps can move it at most ~``lr T (1/2 - 1/pi) /
+    2``: a row whose amplitudes, rotation or shift moved more than half of that in the second
+    half was still travelling when the steps ran out, and gets another round."""
     resolution = config.refine_resolution_angstrom[band]
     iterations = config.iterations[band]
     scale = reference.amplitude_scale
@@ -616,7 +627,9 @@ def _refine_until_settled(
         amp_lr = config.learning_rates[0]
     else:
         amp_lr = config.amplitude_lr_angstrom[band] * scale
-    steps = (iterations + 1) / 2  # sum of the cosine-decayed rates over a round, in units of lr
+    # sum of the cosine-decayed rates over the second half of a round, in units of lr
+    half = iterations // 2
+    steps = sum((1 + math.cos(math.pi * t / iterations)) / 2 for t in range(half, iterations))
     amp_cap = amp_lr * steps
     rot_cap = config.learning_rates[1] * steps  # rad
     shift_cap = config.learning_rates[2] * steps  # Å
@@ -633,27 +646,28 @@ def _refine_until_settled(
             out |= (q_a - q_b).abs().amax(dim=1) > 0.5 * amp_cap
         return out & ~torch.tensor(rigid, device=out.device)
 
+    mid: list[torch.Tensor] = [q0, rot0, org0]
     q, rot, org, ncc = _refine(
         spectra, ctf_full, reference, rot0, org0, q0, config, resolution, iterations, box,
-        pixel, rigid=rigid, amp_lr=amp_lr,
+        pixel, rigid=rigid, amp_lr=amp_lr, midpoint=mid,
     )  # fmt: skip
-    travelling = travelled(q, q0, rot, rot0, org, org0)
+    travelling = travelled(q, mid[0], rot, mid[1], org, mid[2])
     if rigid and q.shape[1]:  # fixed poses: only the amplitudes move
-        travelling = (q - q0).abs().amax(dim=1) > 0.5 * amp_cap
+        travelling = (q - mid[0]).abs().amax(dim=1) > 0.5 * amp_cap
     for _ in range(config.max_rounds - 1):
         idx = torch.nonzero(travelling).flatten()
         if not len(idx) or not iterations:
             break
-        q_s, rot_s, org_s = q[idx], rot[idx], org[idx]
+        mid = [q[idx], rot[idx], org[idx]]
         q2, rot2, org2, ncc2 = _refine(
-            spectra[idx], None if ctf_full is None else ctf_full[idx], reference, rot_s,
-            org_s, q_s, config, resolution, iterations, box, pixel, rigid=rigid,
-            amp_lr=amp_lr,
+            spectra[idx], None if ctf_full is None else ctf_full[idx], reference, rot[idx],
+            org[idx], q[idx], config, resolution, iterations, box, pixel, rigid=rigid,
+            amp_lr=amp_lr, midpoint=mid,
         )  # fmt: skip
         q[idx], rot[idx], org[idx], ncc[idx] = q2, rot2, org2, ncc2
-        moved = travelled(q2, q_s, rot2, rot_s, org2, org_s)
+        moved = travelled(q2, mid[0], rot2, mid[1], org2, mid[2])
         if rigid and q.shape[1]:
-            moved = (q2 - q_s).abs().amax(dim=1) > 0.5 * amp_cap
+            moved = (q2 - mid[0]).abs().amax(dim=1) > 0.5 * amp_cap
         travelling[idx] = moved
     return q, rot, org, ncc, travelling
 
