@@ -125,3 +125,23 @@ def test_the_elastic_search_starts_from_the_particles_shape(wide: Path) -> None:
     # where a mode is deformed by more than 3 Å, the search starts on the right side
     assert (np.sign(start[big]) == np.sign(truth[big])).mean() >= 0.75  # chance: 0.5
     assert np.median(np.abs(start - truth)) < 3.0  # within about a grid step
+
+
+def test_cpu_threads_do_not_oversubscribe_a_busy_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from deephemnma_bridge.cli.align import cpu_threads
+    from deephemnma_bridge.errors import InputError
+
+    assert cpu_threads(3) == (3, "as asked")
+    with pytest.raises(InputError):
+        cpu_threads(-1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
+    threads, why = cpu_threads(0)
+    assert threads == 1 and "busy" in why
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cpu_threads(0) == (torch.get_num_threads(), "torch's default")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cpu_threads(0)[0] == 1

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -187,6 +188,33 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     p("--relion-version", choices=["3.0", "3.1"], default="3.1", help="STAR flavour")
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (0: torch's default, or 1 when the machine is already busy)",
+    )
+
+
+def cpu_threads(requested: int) -> tuple[int, str]:
+    """Threads for the CPU work and why. Measured on 2 cores (bench_hemnma --cases threads):
+    idle, 2 threads run 1.25x faster than 1 for 1.26x the CPU time; under a shared load torch's
+    threads wait for each other (OpenMP spin) and the same run took 4x the wall time of one
+    thread. So: torch's default on an idle machine, 1 thread when the load already fills the
+    cores (or under torchrun, one process per core)."""
+    import torch
+
+    if requested < 0:
+        raise InputError(f"--threads must be >= 0, got {requested}")
+    if requested:
+        return requested, "as asked"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1, "one per torchrun process"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores and load >= cores - 0.5:
+        return 1, f"the machine is busy (load {load:.1f} on {cores} cores)"
+    return torch.get_num_threads(), "torch's default"
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -427,6 +455,10 @@ def main(args: argparse.Namespace) -> int:
     working = min(box, args.working_size)
     work_pixel = pixel * box / working
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        threads, why = cpu_threads(args.threads)
+        torch.set_num_threads(threads)
+        print(f"{threads} CPU thread(s): {why} (--threads to choose)", file=sys.stderr)
     config = _config(args)
     images = ParticleImages(table)
     check_images(images, table)  # missing stacks fail now, not after the set-up
