@@ -41,7 +41,7 @@ def read_star_blocks(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{p}: no such file (check the path; RELION paths are relative "
             "to the project directory)"
         )
-    check_star_text(p)
+    samples = check_star_text(p)
     try:
         blocks = starfile.read(p, always_dict=True)
     except Exception as err:  # starfile raises many kinds of errors on garbage
@@ -50,10 +50,15 @@ def read_star_blocks(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from err
     if not isinstance(blocks, dict) or not blocks:
         raise ParticleFileError(f"{p}: no data_ block found; is this a STAR file?")
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and name in samples:
+            block.attrs[FORMATS] = _fixed_formats(block, *samples[name])
     return dict(blocks)
 
 
 GENERATED_TAG = "# deephemnma generated:"
+#: ``DataFrame.attrs`` key: ``{column: printf format}`` of the columns as the source wrote them
+FORMATS = "star_formats"
 
 
 def _tokens(line: str) -> int:
@@ -66,8 +71,15 @@ def _tokens(line: str) -> int:
 _TOKEN = re.compile(r"\"[^\"]*\"|'[^']*'|\S+")
 
 
-def check_star_text(path: Path) -> None:
+_SAMPLE_ROWS = 200
+_FIXED = re.compile(r"[+-]?\d+\.(\d+)")
+
+
+def check_star_text(path: Path) -> dict[str, tuple[list[str], list[str]]]:
     """Reject what starfile would read into wrong values, naming the table, row and label.
+
+    Returns the labels and the first rows (as text) of every loop, ``{block: (labels, rows)}``,
+    from which `read_star_blocks` learns how each number column was written.
 
     * a label twice in one loop (starfile keeps one of the two columns);
     * a row with more or fewer values than the loop has labels (starfile pads with NaN);
@@ -79,6 +91,7 @@ def check_star_text(path: Path) -> None:
     except OSError as err:
         raise ParticleFileError(f"{path}: cannot read ({err})") from err
     labels: list[str] = []
+    samples: dict[str, tuple[list[str], list[str]]] = {}
     block, in_loop, row, last_is_row = "", False, 0, False
     prev_line, last_line = "", ""
     for raw in text.split("\n"):
@@ -110,6 +123,8 @@ def check_star_text(path: Path) -> None:
         if in_loop and labels:
             row += 1
             last_is_row = True
+            if row <= _SAMPLE_ROWS:
+                samples.setdefault(block, (labels, []))[1].append(line)
             prev_line, last_line = (last_line if row > 1 else ""), line
             count = _tokens(line)
             if count != len(labels) and len(labels) > 2:
@@ -127,6 +142,25 @@ def check_star_text(path: Path) -> None:
             f"{path}: the file ends inside row {row} of table {block!r} (no final newline): it "
             "looks truncated, so the last value may be cut short; copy the file again"
         )
+    return samples
+
+
+def _fixed_formats(df: pd.DataFrame, labels: list[str], rows: list[str]) -> dict[str, str]:
+    """``{column: "%.Nf"}`` for the number columns written with N decimals on every sampled row
+    (RELION writes ``%12.6f``): `write_star_blocks` writes them back the same way when that
+    gives every value exactly (it does for values read from such text)."""
+    split = [_TOKEN.findall(r) for r in rows]
+    out: dict[str, str] = {}
+    for j, label in enumerate(labels):
+        if label not in df.columns or not pd.api.types.is_float_dtype(df[label]):
+            continue
+        decimals = set()
+        for tokens in split:
+            m = _FIXED.fullmatch(tokens[j]) if j < len(tokens) else None
+            decimals.add(len(m.group(1)) if m else -1)
+        if len(decimals) == 1 and (d := decimals.pop()) > 0:
+            out[label] = f"%.{d}f"
+    return out
 
 
 def _shape(token: str) -> tuple[str, int]:
@@ -183,12 +217,26 @@ def _format_column(series: pd.Series) -> pd.Series:
     return text
 
 
+def _as_written(series: pd.Series, fmt: str | None) -> pd.Series:
+    """The column in the source's number format when that gives back every value exactly (an
+    untouched column read from such text), else as `_format_column` writes it."""
+    if fmt is not None and pd.api.types.is_float_dtype(series) and len(series):
+        values = series.to_numpy(dtype=np.float64)
+        decimals = int(fmt[2:-1])
+        # v == rint(v * 10^d) / 10^d (a correctly rounded division) means v is the double
+        # nearest to a d-decimal number, so its d-decimal text reads back as exactly v
+        if np.isfinite(values).all() and np.array_equal(np.round(values, decimals), values):
+            return pd.Series(np.char.mod(fmt, values), index=series.index, dtype=object)
+    return _format_column(series)
+
+
 def _loop_text(name: str, df: pd.DataFrame) -> str:
     header = [f"data_{name}", "", "loop_"]
     header += [f"_{col} #{i}" for i, col in enumerate(df.columns, 1)]
     if len(df) == 0:
         return "\n".join(header) + "\n\n"
-    formatted = pd.DataFrame({col: _format_column(df[col]) for col in df.columns})
+    formats = df.attrs.get(FORMATS, {})
+    formatted = pd.DataFrame({col: _as_written(df[col], formats.get(col)) for col in df.columns})
     body = formatted.to_csv(
         sep="\t",
         header=False,

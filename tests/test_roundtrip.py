@@ -7,6 +7,7 @@ original must come back with exactly the same values, in the same row order, wit
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import starfile
 from conftest import CRYOSPARC_FILES, RELION_FILES, shared
 from cryosparc.dataset import Dataset
 
-from deephemnma_bridge.adapters import read_particles
+from deephemnma_bridge.adapters import read_particles, write_particles
 from deephemnma_bridge.cli import main
 from deephemnma_bridge.conventions import euler_to_matrix, matrix_to_rotvec
 from deephemnma_bridge.errors import ParticleFileError
@@ -209,3 +210,51 @@ def test_changed_values_are_written(tmp_path: Path) -> None:
     np.testing.assert_allclose(again.rotation_matrices, turned[:2], atol=1e-6)
     with pytest.raises(ParticleFileError):
         read_particles(tmp_path / "missing.star")
+
+
+_TOKEN = re.compile(r"\"[^\"]*\"|'[^']*'|\S+")
+
+
+def _row_tokens(path: Path) -> list[list[str]]:
+    """The value tokens of every loop row of a STAR file, in order."""
+    rows, in_loop = [], False
+    for line in path.read_text().split("\n"):
+        text = line.strip()
+        if text.startswith(("data_", "#")) or not text:
+            in_loop = in_loop and not text.startswith("data_")
+            continue
+        if text.startswith("loop_"):
+            in_loop = True
+        elif in_loop and not text.startswith("_"):
+            rows.append(_TOKEN.findall(text))
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("relative", "version"),
+    [
+        ("relion/roodmus/Extract/job013/particles.star", "3.1"),
+        ("relion/roodmus/Extract/job007/particles.star", "3.1"),
+        ("relion/tomodrgn/10076_classD_32_sim.star", "3.0"),
+        ("relion/simplecryoem/pyem.star", "3.1"),
+    ],
+)
+def test_untouched_numbers_keep_their_text(relative: str, version: str, tmp_path: Path) -> None:
+    """``1.000000`` stays ``1.000000`` (not ``1.0``) in columns nobody changed: convert and
+    subset write back the source's fixed-decimal format wherever it gives the value exactly."""
+    src = shared(relative)
+    out = tmp_path / "out.star"
+    assert main(["convert", str(src), str(out), "--relion-version", version]) == 0
+    # (a 3.0 file may get columns RELION needs appended, e.g. rlnImageSize: compare the source's)
+    assert [r[: len(s)] for r, s in zip(_row_tokens(out), _row_tokens(src))] == _row_tokens(src)
+    part = tmp_path / "part.star"
+    keep = read_particles(src).take(np.arange(0, len(read_particles(src)), 2))
+    write_particles(keep, part, relion_version=version)
+    picked = tmp_path / "picked.star"
+    argv = ["subset", "--source", str(src), "--select", str(part), "--out", str(picked)]
+    assert main([*argv, "--relion-version", version]) == 0
+    source_rows = _row_tokens(src)
+    n_optics = len(source_rows) - len(read_particles(src))
+    expected = source_rows[:n_optics] + source_rows[n_optics:][::2]
+    assert [r[: len(e)] for r, e in zip(_row_tokens(picked), expected)] == expected
+    assert len(_row_tokens(picked)) == len(expected)
