@@ -34,6 +34,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--output", default="particles", help="that job's particle output (particles)")
     p("--workspace", required=True, help="workspace for the new External job, e.g. W1")
     p("--work", type=Path, required=True, help="local folder for the pipeline's files")
+    p(
+        "--overwrite",
+        action="store_true",
+        help="use an existing --work folder that this command did not write",
+    )
     p("--config", type=Path, default=None, help="TOML with `deephemnma run` options")
     p("--model", default=None, help="PDB/mmCIF model or map")
     p("--modes", default=None, help="modes .npz instead of --model")
@@ -56,10 +61,13 @@ def connect(url: str | None = None, email: str | None = None) -> Any:
 def run_online(args: argparse.Namespace, cs: Any) -> str:
     """Download, run, publish; return the new job's uid."""
     from ..adapters.cryosparc_online import download_particles, publish_results
+    from ..fileutils import claim_output_dir
     from .run import options_from, run_pipeline
     from .train import amplitude_columns
 
     work = args.work.resolve()
+    overwrite = bool(getattr(args, "overwrite", False))
+    claim_output_dir(work, command="cryosparc", overwrite=overwrite)  # before any download
     source, project_dir = download_particles(
         cs, args.project, args.job, args.output, work / "input" / f"{args.job}_{args.output}.cs"
     )
