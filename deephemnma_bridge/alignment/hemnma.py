@@ -74,7 +74,9 @@ class AlignmentConfig:
     search_resolution_angstrom: float = 10.0
     max_shift_px: float = 6.0
     shift_step_px: float = 2.0
-    n_candidates: int = 4
+    n_candidates: int = (
+        3  # with the elastic search's 2: 4 gave the same results (SNR 0.1, 0.03, 8 Å)
+    )
     nms_degrees: float = 15.0
     refine_resolution_angstrom: tuple[float, float] = (7.0, 4.0)
     iterations: tuple[int, int] = (40, 25)

@@ -127,7 +127,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--search-step", type=float, default=10.0, help="SO(3) grid step, degrees (10)")
     p("--search-resolution", type=float, default=10.0, help="global-search band, Å (10)")
     p("--max-shift", type=float, default=6.0, help="shift search range, working px (6)")
-    p("--candidates", type=int, default=4, help="orientations kept for refinement (4)")
+    p("--candidates", type=int, default=3, help="rigid-search orientations refined (3)")
     p(
         "--elastic-range",
         type=float,
