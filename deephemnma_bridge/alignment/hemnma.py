@@ -96,6 +96,7 @@ class AlignmentConfig:
     elastic_shift_step_px: float = 3.0
     elastic_candidates: int = 2
     elastic_max_blobs: int = 96  # consecutive residues merged: ~3 per blob for 300 residues
+    search_max_blobs: int = 1500  # rigid library: ~2 residues per blob for big complexes
     amplitude_starts: tuple[float, ...] = (0.0,)
     ctf: Literal["full", "flip"] = "full"
     frequency_power: float = 0.0
@@ -400,7 +401,8 @@ class SearchLibrary:
             )
         else:
             step, resolution = config.search_step_degrees, config.search_resolution_angstrom
-            shift_step, model, spacing = config.shift_step_px, reference, 0.0
+            shift_step, spacing = config.shift_step_px, 0.0
+            model = reference.coarsened(config.search_max_blobs)
             amplitudes = torch.zeros(1, reference.modes.shape[0], device=device)
         sb = _Band(box, pixel, resolution, config.frequency_power, torch.device(device))
         band = sb.band

@@ -253,6 +253,10 @@ def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> An
     )
 
 
+#: above this many atoms the last band renders residue blobs (4YVS, 26k atoms: ~10x cheaper)
+MAX_FINAL_ATOMS = 10_000
+
+
 def build_reference(
     modes_path: Path,
     use_modes: list[int],
@@ -290,8 +294,16 @@ def build_reference(
 
     reference = build(template)
     final = None
-    if final_template == "atoms" and template != "atoms" and modes.atom_coordinates is not None:
-        final = build("atoms")
+    atoms = modes.atom_coordinates
+    if final_template == "atoms" and template != "atoms" and atoms is not None:
+        if len(atoms) <= MAX_FINAL_ATOMS:
+            final = build("atoms")
+        else:  # the last band's cost is atoms x Fourier coefficients: residues for big models
+            print(
+                f"{len(atoms)} atoms: the last band uses residue blobs, not every atom "
+                f"(more than {MAX_FINAL_ATOMS}; --final-template same says so explicitly)",
+                file=sys.stderr,
+            )
     map_box = modes.settings.get("map_box_angstrom")
     if map_box is not None and abs(float(map_box) - box_angstrom) > 0.02 * box_angstrom:
         raise InputError(
