@@ -89,14 +89,9 @@ def progress(
     initial: int = 0,
     file: TextIO | None = None,
     interval_seconds: float | None = None,
-    disable: bool = False,
 ) -> Any:
     """A tqdm bar on a terminal, a `LineProgress` elsewhere (see the module docstring)."""
     stream = file or sys.stderr
-    if disable:
-        from tqdm import tqdm
-
-        return tqdm(total=total, disable=True)
     if interval_seconds is None and stream.isatty():
         from tqdm import tqdm
 

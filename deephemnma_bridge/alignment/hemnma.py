@@ -642,13 +642,14 @@ def _refine_until_settled(
         q_a: torch.Tensor, q_b: torch.Tensor, r_a: torch.Tensor, r_b: torch.Tensor,
         o_a: torch.Tensor, o_b: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
-        """Rows that used over half of the round's reach in any parameter."""
+        """Rows that used over half of the round's reach in any parameter (with fixed poses
+        the rotation and shift do not move, so only the amplitudes count)."""
         cos = ((r_a * r_b).sum(dim=(1, 2)) - 1) / 2
         angle = torch.arccos(cos.clamp(-1.0, 1.0))
         out = (angle > 0.5 * rot_cap) | ((o_a - o_b).abs().amax(dim=1) > 0.5 * shift_cap)
         if q_a.shape[1]:
             out |= (q_a - q_b).abs().amax(dim=1) > 0.5 * amp_cap
-        return out & ~torch.tensor(rigid, device=out.device)
+        return out
 
     mid: list[torch.Tensor] = [q0, rot0, org0]
     q, rot, org, ncc = _refine(
@@ -656,8 +657,6 @@ def _refine_until_settled(
         pixel, rigid=rigid, amp_lr=amp_lr, midpoint=mid,
     )  # fmt: skip
     travelling = travelled(q, mid[0], rot, mid[1], org, mid[2])
-    if rigid and q.shape[1]:  # fixed poses: only the amplitudes move
-        travelling = (q - mid[0]).abs().amax(dim=1) > 0.5 * amp_cap
     for _ in range(config.max_rounds - 1):
         idx = torch.nonzero(travelling).flatten()
         if not len(idx) or not iterations:
@@ -669,10 +668,7 @@ def _refine_until_settled(
             amp_lr=amp_lr, midpoint=mid,
         )  # fmt: skip
         q[idx], rot[idx], org[idx], ncc[idx] = q2, rot2, org2, ncc2
-        moved = travelled(q2, mid[0], rot2, mid[1], org2, mid[2])
-        if rigid and q.shape[1]:
-            moved = (q2 - mid[0]).abs().amax(dim=1) > 0.5 * amp_cap
-        travelling[idx] = moved
+        travelling[idx] = travelled(q2, mid[0], rot2, mid[1], org2, mid[2])
     return q, rot, org, ncc, travelling
 
 
@@ -793,12 +789,7 @@ def align_batch(
         shifts_angstrom=org.double().cpu().numpy(),
         cost=cost.double().cpu().numpy(),
         converged=ok.cpu().numpy(),
-        extra={
-            "at_limit": moving.cpu().numpy(),
-            "rms_displacement_angstrom": (q.double().norm(dim=1) / reference.amplitude_scale)
-            .cpu()
-            .numpy(),
-        },
+        extra={"at_limit": moving.cpu().numpy()},
     )
 
 

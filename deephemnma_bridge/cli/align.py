@@ -441,6 +441,8 @@ def main(args: argparse.Namespace) -> int:
     from ..conventions import matrix_to_euler
     from ..device import resolve_device
     from ..fileutils import atomic_dir, check_not_input, check_output_dir, file_sha256
+    from ..nma import NormalModes
+    from ..nma.modes import DEFAULT_MIN_COLLECTIVITY
     from ..preprocess import PreprocessConfig, preprocess_images
     from ..progress import progress
     from ._sharded import ShardedRun, check_images, input_identity
@@ -474,13 +476,9 @@ def main(args: argparse.Namespace) -> int:
     config = _config(args)
     images = ParticleImages(table)
     check_images(images, table)  # missing stacks fail now, not after the set-up
-    from ..nma import NormalModes
-
     all_modes = NormalModes.load(args.modes)
     modes_id = all_modes.fingerprint()
     requested = args.use_modes
-    from ..nma.modes import DEFAULT_MIN_COLLECTIVITY
-
     threshold = DEFAULT_MIN_COLLECTIVITY if args.min_collectivity is None else args.min_collectivity
     args.use_modes, mode_table = choose_modes(
         all_modes,
@@ -590,9 +588,8 @@ def main(args: argparse.Namespace) -> int:
     columns["dhnConverged"] = converged.astype(np.int64)
     at_limit = merged["at_limit"]
     columns["dhnAtLimit"] = at_limit.astype(np.int64)
-    scale = float(np.sqrt(NormalModes.load(args.modes).n_nodes))
-    rms = np.linalg.norm(amplitudes, axis=1) / scale
-    columns["dhnRmsDisplacement"] = rms
+    # RMS displacement of the fitted deformation: |q| / sqrt(N) (unit-norm modes over 3N)
+    columns["dhnRmsDisplacement"] = np.linalg.norm(amplitudes, axis=1) / np.sqrt(all_modes.n_nodes)
     if at_limit.any():
         warnings.warn(
             f"{int(at_limit.sum())} of {n} particles' amplitudes were still moving after "

@@ -107,12 +107,6 @@ def fallback_threshold(args: argparse.Namespace, aligned: Any) -> float | None:
     return float(np.percentile(costs, 99))
 
 
-def _checkpoint_sha256(path: Path) -> str:
-    from ..fileutils import file_sha256
-
-    return file_sha256(path / "best.pt" if path.is_dir() else path)
-
-
 def main(args: argparse.Namespace) -> int:
     """Predict; return 0."""
     import pandas as pd
@@ -126,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     from ..progress import progress
     from ..training.data import CTF_FIELDS, ParticleBatches, ctf_from_rows
     from ..training.targets import TargetSpec, decode
-    from ..training.trainer import load_checkpoint
+    from ..training.trainer import checkpoint_file, load_checkpoint
     from ._sharded import ShardedRun, check_images, input_identity
 
     check_not_input(args.out, args.particles, *args.checkpoint)
@@ -213,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
     }
     settings = {
         "particles": input_identity(args.particles, table),
-        "checkpoints": {str(c): _checkpoint_sha256(c) for c in args.checkpoint},
+        "checkpoints": {str(c): file_sha256(checkpoint_file(c)) for c in args.checkpoint},
         "modes": str(args.modes),
         "modes_sha256": None if args.modes is None else file_sha256(args.modes),
         "refine": args.refine,

@@ -35,7 +35,7 @@ from .data import ParticleBatches, ctf_from_rows, rotate_inplane, split_particle
 from .model import DeepHEMNMANet
 from .targets import TargetSpec, encode, target_loss
 
-__all__ = ["PRESETS", "TrainConfig", "load_checkpoint", "train", "working_size"]
+__all__ = ["PRESETS", "TrainConfig", "checkpoint_file", "load_checkpoint", "train", "working_size"]
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,15 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint a path names: the file itself, or ``best.pt`` of a training folder."""
+    p = Path(path)
+    return p / "best.pt" if p.is_dir() else p
+
+
 def load_checkpoint(path: str | Path) -> tuple[DeepHEMNMANet, dict[str, Any]]:
     """The model (eval mode, CPU) and ``meta`` of a checkpoint file or folder (best.pt)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "best.pt"
+    p = checkpoint_file(path)
     if not p.is_file():
         raise InputError(f"{p}: no checkpoint (train with `deephemnma train` first)")
     try:
