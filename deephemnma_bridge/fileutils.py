@@ -147,19 +147,27 @@ def check_output_dir(
 
 
 def check_output_file(
-    out: str | os.PathLike[str], *, overwrite: bool = False, option: str = "output"
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    option: str = "output",
+    side_suffixes: Sequence[str] = (),
 ) -> None:
     """Raise `InputError` when the output file ``out`` exists (a folder, or a file and not
-    ``overwrite``): a file the command did not just write is never replaced silently."""
+    ``overwrite``): a file the command did not just write is never replaced silently. The same
+    for the side files the output may get beside it (``<stem><suffix>``)."""
     from .errors import InputError
 
     path = Path(out)
     if path.is_dir():
         raise InputError(f"{option} {out} is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise InputError(
-            f"{option} {out} already exists; choose a new name, or add --overwrite to replace it"
-        )
+    for target in (path, *(path.with_name(path.stem + s) for s in side_suffixes)):
+        if target.exists() and not overwrite:
+            what = "" if target == path else f" (a side file of {path.name})"
+            raise InputError(
+                f"{option}: {target}{what} already exists; choose a new name, or add "
+                "--overwrite to replace it"
+            )
 
 
 def _marker_text(command: str, inputs: Sequence[str | os.PathLike[str]]) -> str:

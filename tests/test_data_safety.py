@@ -405,3 +405,9 @@ def test_file_outputs_are_not_replaced_without_overwrite(
         assert mine.read_text() == "my hand-made selection\n"
     assert main(["convert", str(sim / "particles.star"), str(mine), "--overwrite"]) == 0
     assert len(read_particles(mine)) == 16
+    # a file of the user's where a side file would go is not replaced either
+    notes = tmp_path / "fresh_dhn.csv"
+    notes.write_text("my notes\n")
+    assert main(["convert", str(sim / "particles.star"), str(tmp_path / "fresh.star")]) == 2
+    _one_line(capsys, "fresh_dhn.csv", "side file", "--overwrite")
+    assert notes.read_text() == "my notes\n" and not (tmp_path / "fresh.star").exists()

@@ -40,6 +40,9 @@ from ..particles import ParticleTable
 
 __all__ = ["add_args", "expose_stacks", "main", "write_uid_map"]
 
+#: files the writers may put beside a particle file (RELION 3.0 labels, .cs rows, uid map)
+SIDE_FILES = ("_dhn.csv", "_dhn.cs", "_uid_map.csv")
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="particles: RELION .star or cryoSPARC .cs")
@@ -209,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     check_not_input(out, args.input, *(args.passthrough or ()))
-    check_output_file(out, overwrite=args.overwrite)
+    check_output_file(out, overwrite=args.overwrite, side_suffixes=SIDE_FILES)
     kwargs: dict[str, object] = {}
     is_cs = args.input.lower().endswith(".cs")
     if args.passthrough and not is_cs:

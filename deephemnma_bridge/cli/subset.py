@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from ..errors import InputError
 from ..fileutils import check_not_input, check_output_file
 from ..particles import ParticleTable
+from .convert import SIDE_FILES
 
 __all__ = ["add_args", "main", "match_subset"]
 
@@ -103,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
 
     check_not_input(args.out, args.source)
     check_not_input(args.out, args.select)
-    check_output_file(args.out, overwrite=args.overwrite, option="--out")
+    check_output_file(args.out, overwrite=args.overwrite, option="--out", side_suffixes=SIDE_FILES)
     full = read_particles(args.source)
     part = read_particles(args.select)
     keep, how = match_subset(full, part)
