@@ -21,11 +21,12 @@ Cases (``--cases default,large,mix,range,scale,threads``; default: ``default``):
   128 px at 0.65 Å, aligned with the open modes 7-12: median angle <= 2°, p90 <= 4°; the median
   fitted amplitude of every mode whose projection exceeds 10 % of the projection's norm has the
   sign of the projection of (1AKE - 4AKE) on that mode (``simulation.json``) and is within 25 %
-  of it.
+  of it. Aligned with ``--large-args`` (default ``--deformation nonlinear --population-search
+  2``, what the README recommends for large motions; ``--large-args ''`` for align's defaults).
 * ``mix``: half open particles (4AKE, amplitudes up to 1 Å RMS in modes 7-12), half closed ones
   (as ``large``, also 1 Å drawn on top), merged into one STAR file, aligned with the open modes,
   ``deephemnma analyze --groups kmeans --n-groups 2``: >= 97 % separated (best of the two
-  label assignments).
+  label assignments). Same ``--large-args``.
 * ``range``: ``simulate --max-rms 8`` (helix, modes 7-9) recovered with r >= 0.98 per mode on
   adenylate kinase and on 7PBL (128 px at 1.5 Å; skipped with ``--quick``), median angle printed.
 * ``scale``: 4YVS (26k atoms, 128 px at 1.8 Å, modes 7-9, 3 Å RMS): <= 1.5 CPU-s per particle
@@ -72,6 +73,8 @@ from deephemnma_bridge.particles import ParticleTable
 
 CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
+#: align options of the large and mix cases: the motion is a large hinge closure
+LARGE_ALIGN = ("--deformation", "nonlinear", "--population-search", "2")
 CASES = ("default", "large", "mix", "range", "scale", "threads")
 LARGE_MODES = [7, 8, 9, 10, 11, 12]
 CHECKS: list[dict[str, Any]] = []
@@ -254,8 +257,15 @@ def case_large(work: Path, args: argparse.Namespace) -> None:
         f"({100 * np.sqrt(conf['fraction_carried']):.1f} % of its norm)"
     )
     out, wall, cpu = align(
-        work, "large", sim / "particles.star", sim / "modes.npz", LARGE_MODES, [], args.device
+        work,
+        "large",
+        sim / "particles.star",
+        sim / "modes.npz",
+        LARGE_MODES,
+        args.large_args.split(),
+        args.device,
     )
+    print(f"  large    align options: {args.large_args or '(defaults)'}")
     table = read_particles(out)
     s = errors(table)
     row("large (1AKE in 4AKE)", n, s, cpu, wall)
@@ -314,8 +324,15 @@ def case_mix(work: Path, args: argparse.Namespace) -> None:
     table = merge([sim_open / "particles.star", sim_closed / "particles.star"], "dhnTrueClosed")
     write_particles(table, merged)
     out, wall, cpu = align(
-        work, "mix", merged, sim_open / "modes.npz", LARGE_MODES, [], args.device
+        work,
+        "mix",
+        merged,
+        sim_open / "modes.npz",
+        LARGE_MODES,
+        args.large_args.split(),
+        args.device,
     )
+    print(f"  mix      align options: {args.large_args or '(defaults)'}")
     s = scores(out)
     row("mix open+closed", 2 * half, s, cpu, wall)
     analysed = work / "analyze_mix"
@@ -472,6 +489,12 @@ def main() -> None:
     parser.add_argument("--cases", default="default", help=f"comma-separated: {','.join(CASES)}")
     parser.add_argument("--quick", action="store_true", help="small n for every case")
     parser.add_argument("--n", type=int, default=None, help="default case, steady run (1000)")
+    parser.add_argument(
+        "--large-args",
+        default=" ".join(LARGE_ALIGN),
+        help=f"align options of the large and mix cases (default: {' '.join(LARGE_ALIGN)!r}; "
+        "'' for align's defaults)",
+    )
     parser.add_argument("--n-large", type=int, default=None, help="large case (300; quick 48)")
     parser.add_argument("--n-mix", type=int, default=None, help="mix case, both halves (400; 64)")
     parser.add_argument("--n-range", type=int, default=None, help="range case, each (300; 64)")

@@ -50,7 +50,7 @@ from numpy.typing import NDArray
 
 from ..conventions import euler_to_matrix
 from ..errors import InputError
-from ..nma.deform import deform
+from ..nma.deform import deform, deform_nonlinear, mode_spins
 from .ctf import CTFParams, ctf_2d
 from .render import FourierBand, project_positions, render_fourier
 
@@ -96,6 +96,10 @@ class AlignmentConfig:
     elastic_shift_step_px: float = 3.0
     elastic_candidates: int = 2
     elastic_max_blobs: int = 96  # consecutive residues merged: ~3 per blob for 300 residues
+    # population search: a second search of each batch with the reference deformed to the
+    # centres (k-means) of the amplitudes its best-fitting half found, at the elastic
+    # search's settings; a particle keeps the better of both passes (0: off)
+    population_centres: int = 0
     search_max_blobs: int = 1500  # rigid library: ~2 residues per blob for big complexes
     amplitude_starts: tuple[float, ...] = (0.0,)
     ctf: Literal["full", "flip"] = "full"
@@ -124,6 +128,7 @@ class AlignmentConfig:
             (self.elastic_step_degrees > 0, "elastic search step must be > 0°"),
             (self.elastic_shift_step_px > 0, "elastic shift step must be > 0 px"),
             (self.elastic_candidates >= 0, "elastic candidates must be >= 0"),
+            (self.population_centres >= 0, "population centres must be >= 0"),
             (
                 self.amplitude_lr_angstrom is None
                 or all(v > 0 for v in self.amplitude_lr_angstrom),
@@ -147,6 +152,19 @@ class ReferenceModel:
     mode_numbers: Sequence[int]
     weights: torch.Tensor | None = None
     n_nodes: int = 0  # network nodes (the modes' unit); 0: one per coordinate
+    # local rotations (M, N, 3) per unit amplitude: non-linear deformation (nma.deform)
+    spins: torch.Tensor | None = None
+
+    @property
+    def deformation(self) -> str:
+        return "linear" if self.spins is None else "nonlinear"
+
+    def deformed(self, amplitudes: torch.Tensor) -> torch.Tensor:
+        """Coordinates (B, N, 3) deformed by ``amplitudes`` (B, M), linearly or following the
+        local rotations (``spins``), see `deephemnma_bridge.nma.deform`."""
+        if self.spins is None:
+            return deform(self.coordinates, self.modes, amplitudes)
+        return deform_nonlinear(self.coordinates, self.modes, self.spins, amplitudes, self.weights)
 
     @property
     def amplitude_scale(self) -> float:
@@ -162,6 +180,7 @@ class ReferenceModel:
         mode_numbers: Sequence[int],
         *,
         template: Literal["nodes", "residues", "atoms"] = "residues",
+        deformation: Literal["linear", "nonlinear"] = "linear",
         atom_coordinates: NDArray[np.floating] | None = None,
         atom_node: NDArray[np.integer] | None = None,
         centre_angstrom: NDArray[np.floating] | None = None,
@@ -173,10 +192,17 @@ class ReferenceModel:
         per node at the centroid of the atoms that move with it, weighted by their number,
         which matches an all-atom density far better than Cα blobs. ``atoms``: every atom,
         moving with its node (most faithful, cost proportional to the atom count).
+
+        ``deformation``: ``linear`` (``r + sum q u``) or ``nonlinear`` (each point follows the
+        local rotation of its node's neighbourhood, `deephemnma_bridge.nma.deform`).
         """
         xyz = np.asarray(coordinates, dtype=np.float64)
         vec = np.asarray(vectors, dtype=np.float64)
         n_nodes = len(xyz)
+        if deformation not in ("linear", "nonlinear"):
+            raise InputError(f"deformation must be linear or nonlinear, got {deformation!r}")
+        spin = mode_spins(xyz, vec) if deformation == "nonlinear" and len(vec) else None
+        nodes = xyz
         centre = xyz.mean(axis=0) if centre_angstrom is None else np.asarray(centre_angstrom)
         weights = None
         if template != "nodes":
@@ -191,6 +217,9 @@ class ReferenceModel:
             atoms, owner = atoms[keep], owner[keep]
             if template == "atoms":
                 xyz, vec = atoms, vec[:, owner]
+                if spin is not None:  # each atom turns with its node's neighbourhood
+                    spin = spin[:, owner]
+                    vec = vec + np.cross(spin, xyz - nodes[owner])
             else:
                 count = np.bincount(owner, minlength=len(xyz)).astype(np.float64)
                 sums = np.stack(
@@ -200,6 +229,8 @@ class ReferenceModel:
                 xyz = np.where(has[:, None], sums / np.maximum(count, 1)[:, None], xyz)
                 weights = np.where(has, count, 1.0)
                 weights = weights / weights.mean()
+                if spin is not None:  # the residue blob (off its Cα) turns with it as well
+                    vec = vec + np.cross(spin, xyz - nodes)
         elif template not in ("nodes", "residues", "atoms"):
             raise InputError(f"template must be nodes, residues or atoms, got {template!r}")
         return cls(
@@ -208,6 +239,7 @@ class ReferenceModel:
             [int(m) for m in mode_numbers],
             None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
             n_nodes,
+            None if spin is None else torch.tensor(spin, dtype=torch.float32, device=device),
         )
 
     def coarsened(self, max_blobs: int) -> ReferenceModel:
@@ -228,12 +260,17 @@ class ReferenceModel:
         modes = torch.zeros(self.modes.shape[0], max_blobs, 3, device=w.device).index_add_(
             1, group, self.modes * w[None, :, None]
         )
+        spins = None
+        if self.spins is not None:
+            spins = torch.zeros_like(modes).index_add_(1, group, self.spins * w[None, :, None])
+            spins = spins / total[None, :, None]
         return ReferenceModel(
             xyz / total[:, None],
             modes / total[None, :, None],
             self.mode_numbers,
             total / total.mean(),
             self.n_nodes or n,
+            spins,
         )
 
     @property
@@ -386,19 +423,26 @@ class SearchLibrary:
         device: torch.device | str,
         *,
         elastic: bool = False,
+        amplitudes: torch.Tensor | None = None,
     ) -> SearchLibrary:
         """The rigid library (``elastic=False``, with its elastic one attached when the settings
-        ask for it) or the elastic library alone (``elastic=True``)."""
+        ask for it) or the elastic library alone (``elastic=True``): the reference deformed on
+        `elastic_grid`, or by the given ``amplitudes`` (D, M) (the population search)."""
         if elastic:
             step, resolution = config.elastic_step_degrees, config.elastic_resolution_angstrom
             shift_step = config.elastic_shift_step_px
             model = reference.coarsened(config.elastic_max_blobs)
-            grid, spacing = elastic_grid(
-                model.modes.shape[0], config.elastic_range_angstrom, config.elastic_spacing_angstrom
-            )
-            amplitudes = torch.tensor(
-                grid * reference.amplitude_scale, dtype=torch.float32, device=device
-            )
+            if amplitudes is None:
+                grid, spacing = elastic_grid(
+                    model.modes.shape[0],
+                    config.elastic_range_angstrom,
+                    config.elastic_spacing_angstrom,
+                )
+                amplitudes = torch.tensor(
+                    grid * reference.amplitude_scale, dtype=torch.float32, device=device
+                )
+            else:
+                amplitudes, spacing = amplitudes.to(device, torch.float32), 0.0
         else:
             step, resolution = config.search_step_degrees, config.search_resolution_angstrom
             shift_step, spacing = config.shift_step_px, 0.0
@@ -411,7 +455,7 @@ class SearchLibrary:
         lib_re, lib_im = [], []
         zero_shift = torch.zeros(1, 2, device=device)
         for q in amplitudes:  # each deformation, its projections in chunks to bound memory
-            coords = deform(model.coordinates, model.modes, q[None])[0]
+            coords = model.deformed(q[None])[0]
             for start in range(0, n_rot, 512):
                 rot = grid_rot[start : start + 512]
                 pos = project_positions(coords[None], rot, zero_shift.expand(len(rot), 2))
@@ -448,6 +492,8 @@ class SearchLibrary:
             and not (config.fixed_poses or config.local_poses)
         ):
             extra = cls.build(reference, config, box, pixel, device, elastic=True)
+        elif elastic and not len(amplitudes):
+            raise ValueError("an elastic library needs at least one deformation")
         return cls(
             band=sb,
             rotations=grid_rot.repeat(len(amplitudes), 1, 1),
@@ -574,7 +620,7 @@ def _refine(
 
     def similarity() -> torch.Tensor:
         rot = _skew_expm(d) @ rot0
-        coords = deform(reference.coordinates, reference.modes, q)  # (n, N, 3)
+        coords = reference.deformed(q)  # (n, N, 3)
         pos = torch.einsum("bij,bnj->bni", rot[:, :2, :], coords) - o[:, None, :]
         t_re, t_im = render_fourier(
             pos, sb.band, sigma_angstrom=config.sigma_angstrom, weights=reference.weights
@@ -672,6 +718,81 @@ def _refine_until_settled(
     return q, rot, org, ncc, travelling
 
 
+def _population_centres(
+    q: torch.Tensor, ncc: torch.Tensor, k: int, reference: ReferenceModel
+) -> torch.Tensor:
+    """Up to ``k`` amplitude centres (k-means, in Å of RMS displacement) of the rows whose
+    similarity is in the better half: where the batch's well-fitted particles went."""
+    from sklearn.cluster import KMeans
+
+    ok = torch.isfinite(ncc) & torch.isfinite(q).all(dim=1)
+    good = ok & (ncc >= ncc[ok].median()) if ok.any() else ok
+    x = (q[good] / reference.amplitude_scale).double().cpu().numpy()
+    k = min(k, len(np.unique(x.round(3), axis=0)))
+    if k < 1:
+        return q[:0]
+    km = KMeans(n_clusters=k, n_init=4, random_state=0).fit(x)
+    centres = torch.tensor(km.cluster_centers_, dtype=q.dtype, device=q.device)
+    return centres * reference.amplitude_scale
+
+
+def _refine_candidates(
+    spectra: torch.Tensor,
+    ctf_for_template: torch.Tensor | None,
+    reference: ReferenceModel,
+    final_reference: ReferenceModel | None,
+    rot_all: torch.Tensor,
+    org_all: torch.Tensor,
+    q_all: torch.Tensor,
+    config: AlignmentConfig,
+    box: int,
+    pixel_size_angstrom: float,
+    progress: Callable[[str], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Refine every candidate (B, C, ...) at the first band, keep the best of each particle,
+    settle it, then refine it at the last band: (q, A, o, ncc, still moving)."""
+    b = spectra.shape[0]
+    device = spectra.device
+    m = q_all.shape[-1]
+    per = q_all.shape[1]
+    rot_all, org_all, q_all = (
+        rot_all.reshape(-1, 3, 3),
+        org_all.reshape(-1, 2),
+        q_all.reshape(-1, m),
+    )
+    spec_all = spectra.repeat_interleave(per, dim=0)
+    ctf_all = None if ctf_for_template is None else ctf_for_template.repeat_interleave(per, 0)
+    it2 = config.iterations[1]
+    rigid = config.fixed_poses
+    with torch.enable_grad():
+        # every candidate once; then more rounds at this band for the best one only
+        one = dataclasses.replace(config, max_rounds=1)
+        q, rot, org, ncc, moving1 = _refine_until_settled(
+            spec_all, ctf_all, reference, rot_all, org_all, q_all, one, 0, box,
+            pixel_size_angstrom, rigid=rigid,
+        )  # fmt: skip
+        best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
+        q, rot, org, ncc, moving1 = q[best], rot[best], org[best], ncc[best], moving1[best]
+        if config.max_rounds > 1 and moving1.any():
+            idx = torch.nonzero(moving1).flatten()
+            more = dataclasses.replace(config, max_rounds=config.max_rounds - 1)
+            q_m, rot_m, org_m, ncc_m, moving_m = _refine_until_settled(
+                spectra[idx], None if ctf_for_template is None else ctf_for_template[idx],
+                reference, rot[idx], org[idx], q[idx], more, 0, box, pixel_size_angstrom,
+                rigid=rigid,
+            )  # fmt: skip
+            q[idx], rot[idx], org[idx], ncc[idx], moving1[idx] = q_m, rot_m, org_m, ncc_m, moving_m
+        if progress:
+            progress("refine")
+        q, rot, org, ncc, moving = _refine_until_settled(
+            spectra, ctf_for_template, reference if final_reference is None else final_reference,
+            rot, org, q, config, 1, box, pixel_size_angstrom, rigid=rigid,
+        )  # fmt: skip
+        if not it2:
+            moving = moving1
+    return q, rot, org, ncc, moving
+
+
 def align_batch(
     images: torch.Tensor,
     ctf: CTFParams,
@@ -745,42 +866,32 @@ def align_batch(
         rot_all = torch.cat([rot_all, rot_e], dim=1)
         org_all = torch.cat([org_all, org_e], dim=1)
         q_all = torch.cat([q_all, q_e], dim=1)
-    per = q_all.shape[1]
-    rot_all, org_all, q_all = (
-        rot_all.reshape(-1, 3, 3),
-        org_all.reshape(-1, 2),
-        q_all.reshape(-1, m),
-    )
-    spec_all = spectra.repeat_interleave(per, dim=0)
-    ctf_all = None if ctf_for_template is None else ctf_for_template.repeat_interleave(per, 0)
-    it2 = config.iterations[1]
-    rigid = config.fixed_poses
-    with torch.enable_grad():
-        # every candidate once; then more rounds at this band for the best one only
-        one = dataclasses.replace(config, max_rounds=1)
-        q, rot, org, ncc, moving1 = _refine_until_settled(
-            spec_all, ctf_all, reference, rot_all, org_all, q_all, one, 0, box,
-            pixel_size_angstrom, rigid=rigid,
+    q, rot, org, ncc, moving = _refine_candidates(
+        spectra, ctf_for_template, reference, final_reference, rot_all, org_all, q_all, config,
+        box, pixel_size_angstrom, progress,
+    )  # fmt: skip
+    if (
+        config.population_centres > 0
+        and m
+        and library is not None
+        and amplitudes is None
+        and b >= 2 * config.population_centres
+    ):  # second pass: references deformed to where this batch's particles went
+        centres = _population_centres(q, ncc, config.population_centres, reference)
+        pop = SearchLibrary.build(
+            reference, config, box, pixel_size_angstrom, device, elastic=True, amplitudes=centres
+        )
+        rot_p, org_p, _, q_p = _global_search(
+            spectra, ctf_for_template, pop, config, config.elastic_candidates
+        )
+        assert q_p is not None
+        q2, rot2, org2, ncc2, moving2 = _refine_candidates(
+            spectra, ctf_for_template, reference, final_reference, rot_p, org_p, q_p, config,
+            box, pixel_size_angstrom, progress,
         )  # fmt: skip
-        best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
-        q, rot, org, ncc, moving1 = q[best], rot[best], org[best], ncc[best], moving1[best]
-        if config.max_rounds > 1 and moving1.any():
-            idx = torch.nonzero(moving1).flatten()
-            more = dataclasses.replace(config, max_rounds=config.max_rounds - 1)
-            q_m, rot_m, org_m, ncc_m, moving_m = _refine_until_settled(
-                spectra[idx], None if ctf_for_template is None else ctf_for_template[idx],
-                reference, rot[idx], org[idx], q[idx], more, 0, box, pixel_size_angstrom,
-                rigid=rigid,
-            )  # fmt: skip
-            q[idx], rot[idx], org[idx], ncc[idx], moving1[idx] = q_m, rot_m, org_m, ncc_m, moving_m
-        if progress:
-            progress("refine")
-        q, rot, org, ncc, moving = _refine_until_settled(
-            spectra, ctf_for_template, reference if final_reference is None else final_reference,
-            rot, org, q, config, 1, box, pixel_size_angstrom, rigid=rigid,
-        )  # fmt: skip
-        if not it2:
-            moving = moving1
+        better = torch.isfinite(ncc2) & ~(ncc2 <= ncc)  # NaN in pass 1 loses too
+        q[better], rot[better], org[better] = q2[better], rot2[better], org2[better]
+        ncc[better], moving[better] = ncc2[better], moving2[better]
     ok = torch.isfinite(ncc) & torch.isfinite(q).all(dim=1) & torch.isfinite(rot).all(dim=(1, 2))
     cost = torch.where(ok, 1.0 - ncc, torch.full_like(ncc, float("nan")))
     return AlignmentResult(

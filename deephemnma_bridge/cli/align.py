@@ -116,6 +116,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default="atoms",
         help="last-stage template: every atom (default, when the modes file has them) or the same",
     )
+    p(
+        "--deformation",
+        choices=["linear", "nonlinear"],
+        default="linear",
+        help="linear: node i moves by sum q u_i (default); nonlinear: each node follows the "
+        "local rotation of its neighbourhood (large hinge motions; same amplitudes when small)",
+    )
     p("--sigma", type=float, default=2.0, help="template Gaussian width, Å (default 2)")
     p("--working-size", type=int, default=128, help="images Fourier-cropped to this (128)")
     p(
@@ -145,6 +152,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="orientations of the deformed references kept for refinement (2)",
+    )
+    p(
+        "--population-search",
+        type=int,
+        default=0,
+        metavar="K",
+        help="second search of each batch with the reference deformed to K centres of the "
+        "amplitudes its better-fitting half found; each particle keeps the better pass "
+        "(large motions; about doubles the cost; 0: off, the default)",
     )
     p(
         "--amplitude-step",
@@ -230,6 +246,7 @@ def _config(args: argparse.Namespace) -> Any:
         elastic_range_angstrom=args.elastic_range,
         elastic_spacing_angstrom=args.elastic_spacing,
         elastic_candidates=args.elastic_candidates,
+        population_centres=args.population_search,
         amplitude_lr_angstrom=(args.amplitude_step[0], args.amplitude_step[-1]),
         max_rounds=args.max_rounds,
         refine_resolution_angstrom=(args.refine_resolution[0], args.refine_resolution[1]),
@@ -248,6 +265,7 @@ def _reference(args: argparse.Namespace, box_angstrom: float, device: Any) -> An
         args.use_modes,
         template=args.template,
         final_template=args.final_template,
+        deformation=args.deformation,
         box_angstrom=box_angstrom,
         device=device,
     )
@@ -263,6 +281,7 @@ def build_reference(
     *,
     template: str = "residues",
     final_template: str = "atoms",
+    deformation: str = "linear",
     box_angstrom: float,
     device: Any,
 ) -> Any:
@@ -286,6 +305,7 @@ def build_reference(
             selected.vectors,
             use_modes,
             template=kind,
+            deformation=deformation,  # type: ignore[arg-type]
             atom_coordinates=modes.atom_coordinates,
             atom_node=modes.atom_node,
             centre_angstrom=None if centre is None else np.asarray(centre),
@@ -507,6 +527,7 @@ def main(args: argparse.Namespace) -> int:
         "symmetry": args.symmetry,
         "template": template,
         "final_template": "atoms" if final_reference is not None else template,
+        "deformation": args.deformation,
         "working_size_px": working,
         "working_pixel_angstrom": work_pixel,
         "poses": args.poses,

@@ -52,6 +52,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="HEMNMA refinement from the prediction: N steps at 7 Å, N/2 at 4 Å (needs --modes)",
     )
     p(
+        "--deformation",
+        choices=["auto", "linear", "nonlinear"],
+        default="auto",
+        help="deformation model of --modes for the cost and --refine (auto: the one of the "
+        "alignment the network was trained on, recorded in its checkpoint)",
+    )
+    p(
         "--fallback-cost",
         default=None,
         help="re-align by HEMNMA (global search) the particles whose cost stays above this "
@@ -176,6 +183,7 @@ def main(args: argparse.Namespace) -> int:
     threshold = fallback_threshold(args, aligned)
     working = min(box, 128)
     work_pixel = pixel * box / working  # HEMNMA's working pixel, as in `deephemnma align`
+    deformation = None
     if args.modes is not None:
         from ..alignment.hemnma import AlignmentConfig, SearchLibrary, align_batch
         from .align import build_reference
@@ -190,8 +198,12 @@ def main(args: argparse.Namespace) -> int:
                 check_modes_match(
                     loaded_modes, meta["modes_fingerprint"], args.modes, f"{path} was trained on"
                 )
+        deformation = str(args.deformation)
+        if deformation == "auto":
+            recorded = {str(meta.get("deformation", "linear")) for _, meta, _ in nets}
+            deformation = "nonlinear" if recorded == {"nonlinear"} else "linear"
         reference, _, final_reference = build_reference(
-            args.modes, modes, box_angstrom=box * pixel, device=device
+            args.modes, modes, deformation=deformation, box_angstrom=box * pixel, device=device
         )
         # from the prediction (one candidate, no search): N steps at 7 Å with residue blobs,
         # then N/2 at 4 Å with every atom, as the two bands of `deephemnma align`
@@ -211,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
         "modes": str(args.modes),
         "modes_sha256": None if args.modes is None else file_sha256(args.modes),
         "refine": args.refine,
+        "deformation": deformation,
         "fallback_cost": threshold,
     }
     run = ShardedRun(

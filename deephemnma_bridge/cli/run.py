@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "align_working_size": 128,
     "align_iterations": "40,25",
     "search_step": 10.0,
+    "deformation": "linear",
+    "population_search": 0,
     "preset": "fast",
     "epochs": None,
     "size": None,
@@ -86,6 +88,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--align-working-size", type=int, default=None, help="HEMNMA image size (128)")
     p("--align-iterations", default=None, help="HEMNMA refinement steps (40,25)")
     p("--search-step", type=float, default=None, help="HEMNMA SO(3) grid step (10)")
+    p(
+        "--deformation",
+        choices=["linear", "nonlinear"],
+        default=None,
+        help="HEMNMA deformation model (linear; nonlinear for large hinge motions)",
+    )
+    p(
+        "--population-search",
+        type=int,
+        default=None,
+        help="HEMNMA second search at K centres of the batch's amplitudes (0: off)",
+    )
     p("--preset", choices=["paper", "fast"], default=None, help="training preset (fast)")
     p("--epochs", type=int, default=None)
     p("--size", type=int, default=None, help="network input size, px (the preset's)")
@@ -112,12 +126,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 _INT_KEYS = frozenset(
     {"n_modes", "n_train", "seed", "align_working_size", "epochs", "size", "batch_size"}
-    | {"min_count", "n_groups", "refine", "workers"}
+    | {"min_count", "n_groups", "refine", "workers", "population_search"}
 )
 _FLOAT_KEYS = frozenset({"outliers", "search_step"})
 _BOOL_KEYS = frozenset({"augment"})
 _CHOICES = {
     "preset": ("paper", "fast"),
+    "deformation": ("linear", "nonlinear"),
     "groups": ("bins", "kmeans", "gmm", "none"),
     "relion_version": ("3.0", "3.1"),
 }
@@ -302,6 +317,10 @@ def run_pipeline(
         str(opts["align_iterations"]),
         "--search-step",
         str(opts["search_step"]),
+        "--deformation",
+        str(opts["deformation"]),
+        "--population-search",
+        str(opts["population_search"]),
         *common,
     ]
     if opts["outliers"]:

@@ -173,7 +173,11 @@ def main(args: argparse.Namespace) -> int:
         config=config,
         out=args.out,
         device=resolve_device(args.device),
-        extra_meta={"source": str(args.aligned), "modes_fingerprint": modes_id},
+        extra_meta={
+            "source": str(args.aligned),
+            "modes_fingerprint": modes_id,
+            "deformation": _deformation_of(args.aligned),
+        },
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -184,3 +188,15 @@ def main(args: argparse.Namespace) -> int:
         f"{args.out / 'best.pt'}"
     )
     return 0
+
+
+def _deformation_of(aligned: Path) -> str:
+    """The deformation model (linear, nonlinear) of the alignment that wrote ``aligned``, from
+    the alignment.json beside it (linear when there is none: the amplitudes' plain meaning)."""
+    record = Path(aligned).parent / "alignment.json"
+    try:
+        settings = json.loads(record.read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return "linear"
+    value = settings.get("deformation", "linear") if isinstance(settings, dict) else "linear"
+    return value if value in ("linear", "nonlinear") else "linear"
