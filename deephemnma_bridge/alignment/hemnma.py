@@ -96,6 +96,9 @@ class AlignmentConfig:
     elastic_shift_step_px: float = 3.0
     elastic_candidates: int = 2
     elastic_max_blobs: int = 96  # consecutive residues merged: ~3 per blob for 300 residues
+    # candidates screened by this many steps at the first band, then only the best of each
+    # particle is refined in full (0: every candidate gets the full round)
+    screen_iterations: int = 10
     # population search: a second search of each batch with the reference deformed to the
     # centres (k-means) of the amplitudes its best-fitting half found, at the elastic
     # search's settings; a particle keeps the better of both passes (0: off)
@@ -129,6 +132,7 @@ class AlignmentConfig:
             (self.elastic_shift_step_px > 0, "elastic shift step must be > 0 px"),
             (self.elastic_candidates >= 0, "elastic candidates must be >= 0"),
             (self.population_centres >= 0, "population centres must be >= 0"),
+            (self.screen_iterations >= 0, "screening steps must be >= 0"),
             (
                 self.amplitude_lr_angstrom is None
                 or all(v > 0 for v in self.amplitude_lr_angstrom),
@@ -765,23 +769,44 @@ def _refine_candidates(
     it2 = config.iterations[1]
     rigid = config.fixed_poses
     with torch.enable_grad():
-        # every candidate once; then more rounds at this band for the best one only
-        one = dataclasses.replace(config, max_rounds=1)
-        q, rot, org, ncc, moving1 = _refine_until_settled(
-            spec_all, ctf_all, reference, rot_all, org_all, q_all, one, 0, box,
-            pixel_size_angstrom, rigid=rigid,
-        )  # fmt: skip
-        best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
-        q, rot, org, ncc, moving1 = q[best], rot[best], org[best], ncc[best], moving1[best]
-        if config.max_rounds > 1 and moving1.any():
-            idx = torch.nonzero(moving1).flatten()
-            more = dataclasses.replace(config, max_rounds=config.max_rounds - 1)
-            q_m, rot_m, org_m, ncc_m, moving_m = _refine_until_settled(
-                spectra[idx], None if ctf_for_template is None else ctf_for_template[idx],
-                reference, rot[idx], org[idx], q[idx], more, 0, box, pixel_size_angstrom,
-                rigid=rigid,
+        screen = config.screen_iterations
+        if per > 1 and 0 < screen < config.iterations[0]:
+            # a short round for every candidate, then the full band for the best one only
+            amp_lr = (
+                config.learning_rates[0]
+                if config.amplitude_lr_angstrom is None
+                else config.amplitude_lr_angstrom[0] * reference.amplitude_scale
+            )
+            q, rot, org, ncc = _refine(
+                spec_all, ctf_all, reference, rot_all, org_all, q_all, config,
+                config.refine_resolution_angstrom[0], screen, box, pixel_size_angstrom,
+                rigid=rigid, amp_lr=amp_lr,
             )  # fmt: skip
-            q[idx], rot[idx], org[idx], ncc[idx], moving1[idx] = q_m, rot_m, org_m, ncc_m, moving_m
+            best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
+            q, rot, org, ncc, moving1 = _refine_until_settled(
+                spectra, ctf_for_template, reference, rot[best], org[best], q[best], config, 0,
+                box, pixel_size_angstrom, rigid=rigid,
+            )  # fmt: skip
+        else:
+            # every candidate once; then more rounds at this band for the best one only
+            one = dataclasses.replace(config, max_rounds=1)
+            q, rot, org, ncc, moving1 = _refine_until_settled(
+                spec_all, ctf_all, reference, rot_all, org_all, q_all, one, 0, box,
+                pixel_size_angstrom, rigid=rigid,
+            )  # fmt: skip
+            best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
+            q, rot, org, ncc, moving1 = q[best], rot[best], org[best], ncc[best], moving1[best]
+            if config.max_rounds > 1 and moving1.any():
+                idx = torch.nonzero(moving1).flatten()
+                more = dataclasses.replace(config, max_rounds=config.max_rounds - 1)
+                q_m, rot_m, org_m, ncc_m, moving_m = _refine_until_settled(
+                    spectra[idx], None if ctf_for_template is None else ctf_for_template[idx],
+                    reference, rot[idx], org[idx], q[idx], more, 0, box, pixel_size_angstrom,
+                    rigid=rigid,
+                )  # fmt: skip
+                q[idx], rot[idx], org[idx], ncc[idx], moving1[idx] = (
+                    q_m, rot_m, org_m, ncc_m, moving_m
+                )  # fmt: skip
         if progress:
             progress("refine")
         q, rot, org, ncc, moving = _refine_until_settled(

@@ -154,6 +154,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="orientations of the deformed references kept for refinement (2)",
     )
     p(
+        "--screen-steps",
+        type=int,
+        default=10,
+        help="candidates screened by this many steps at the first band; only the best of each "
+        "particle is refined in full (10; 0: every candidate gets the full band)",
+    )
+    p(
         "--population-search",
         type=int,
         default=0,
@@ -247,6 +254,7 @@ def _config(args: argparse.Namespace) -> Any:
         elastic_spacing_angstrom=args.elastic_spacing,
         elastic_candidates=args.elastic_candidates,
         population_centres=args.population_search,
+        screen_iterations=args.screen_steps,
         amplitude_lr_angstrom=(args.amplitude_step[0], args.amplitude_step[-1]),
         max_rounds=args.max_rounds,
         refine_resolution_angstrom=(args.refine_resolution[0], args.refine_resolution[1]),
