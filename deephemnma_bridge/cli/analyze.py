@@ -155,9 +155,10 @@ def _figures(
         fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3), squeeze=False)
         for j, m in enumerate(modes):
             true = np.asarray(table.extra[truth[j]], dtype=float)
-            r = np.corrcoef(true, amps[:, j])[0, 1]
+            varies = np.ptp(true) > 0 and np.ptp(amps[:, j]) > 0
+            title = f"r = {np.corrcoef(true, amps[:, j])[0, 1]:.3f}" if varies else "constant"
             axes[0, j].scatter(true, amps[:, j], s=2, alpha=0.5)
-            axes[0, j].set_title(f"mode {m}: r = {r:.3f}", fontsize=9)
+            axes[0, j].set_title(f"mode {m}: {title}", fontsize=9)
             axes[0, j].set_xlabel("true (Å)")
             axes[0, j].set_ylabel("estimated (Å)")
         fig.tight_layout()
