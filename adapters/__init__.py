@@ -13,8 +13,9 @@ Example
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deephemnma_bridge.errors import ParticleFileError
 from deephemnma_bridge.particles import ParticleTable
@@ -22,9 +23,14 @@ from deephemnma_bridge.particles import ParticleTable
 from .images import ParticleImages, StackWriter, read_stack_header, resolve_stack
 from .relion import read_relion_particles, write_relion_particles
 
+if TYPE_CHECKING:
+    from cryosparc.dataset import Dataset
+
 __all__ = [
     "ParticleImages",
     "StackWriter",
+    "dataset_from_particles",
+    "particles_from_dataset",
     "read_cryosparc_particles",
     "read_particles",
     "read_relion_particles",
@@ -59,6 +65,25 @@ def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]
     from .cryosparc import write_cryosparc_particles as write
 
     return write(table, path)
+
+
+def particles_from_dataset(
+    dataset: Dataset,
+    *,
+    source_name: str = "<dataset>",
+    search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+) -> ParticleTable:
+    """See `deephemnma_bridge.adapters.cryosparc.particles_from_dataset`."""
+    from .cryosparc import particles_from_dataset as convert
+
+    return convert(dataset, source_name=source_name, search_dirs=search_dirs)
+
+
+def dataset_from_particles(table: ParticleTable) -> Dataset:
+    """See `deephemnma_bridge.adapters.cryosparc.dataset_from_particles`."""
+    from .cryosparc import dataset_from_particles as convert
+
+    return convert(table)
 
 
 def read_particles(path: str | os.PathLike[str], **kwargs: Any) -> ParticleTable:

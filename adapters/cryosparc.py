@@ -22,6 +22,10 @@ fields. A table read from a STAR file is written from its fields, with uids from
 ``dhnCsUid`` column when present, else derived from a hash of (stack name, index) so that the same
 particle always gets the same uid; every STAR column without a cryoSPARC field is carried as a
 ``rln/<label>`` field, which the STAR writer turns back into the column.
+
+In memory (cryosparc-tools scripts, no file): `particles_from_dataset` builds the table from a
+``Dataset`` (e.g. ``job.load_output("particles")``) through the same code as the file reader;
+`dataset_from_particles` gives the ``Dataset`` that the file writer saves.
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ from deephemnma_bridge.fileutils import atomic_path, check_not_input
 from deephemnma_bridge.particles import ParticleTable, SourceRows
 
 __all__ = [
+    "dataset_from_particles",
     "find_passthrough",
     "load_records",
+    "particles_from_dataset",
     "read_cryosparc_particles",
     "save_records",
     "stable_uids",
@@ -223,7 +229,7 @@ READ_FIELDS = (
 )
 
 
-def _check_finite(path: Path, records: NDArray[Any]) -> None:
+def _check_finite(source: str, records: NDArray[Any]) -> None:
     names = records.dtype.names or ()
     for name in READ_FIELDS:
         if name not in names:
@@ -234,7 +240,7 @@ def _check_finite(path: Path, records: NDArray[Any]) -> None:
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
                 raise ParticleFileError(
-                    f"{path}: field {name} of row {row + 1} (uid {records['uid'][row]}) is not "
+                    f"{source}: field {name} of row {row + 1} (uid {records['uid'][row]}) is not "
                     "finite; remove that particle"
                 )
 
@@ -262,30 +268,114 @@ def read_cryosparc_particles(
         extras = [Path(x) for x in passthrough]
     for pt in extras:
         records = _merge(records, _load(pt), p, pt)
+    here = p.resolve().parent
+    return _table_from_records(
+        records,
+        source=str(p),
+        what="file",
+        path=str(p),
+        search_dirs=(str(here), str(here.parent), str(here.parent.parent), str(Path.cwd())),
+    )
+
+
+def particles_from_dataset(
+    dataset: Dataset,
+    *,
+    source_name: str = "<dataset>",
+    search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+) -> ParticleTable:
+    """A `ParticleTable` from a cryosparc-tools ``Dataset`` in memory, without any file.
+
+    The same table as `read_cryosparc_particles` gives for a ``.cs`` file holding the same
+    rows (every field kept in ``table.source.rows`` for a lossless `dataset_from_particles`),
+    except that ``table.source.path`` is empty and relative ``blob/path`` values are resolved
+    against ``search_dirs``.
+
+    Parameters
+    ----------
+    dataset : cryosparc.dataset.Dataset
+        Particle rows, e.g. ``job.load_output("particles")`` (which already merges the
+        passthrough fields) or ``Dataset.load(...)``. Not modified; the table keeps a copy.
+    source_name : str
+        What the rows are, for error messages (e.g. ``"P3 J42 particles"``).
+    search_dirs : sequence of path-like, optional
+        Folders to resolve relative ``blob/path`` values against, most likely first; for a
+        job's output, the project directory (``project.dir``). Default: the working directory.
+
+    Returns
+    -------
+    ParticleTable
+
+    Raises
+    ------
+    ParticleFileError
+        No rows, no ``uid`` / ``blob/path`` / ``blob/idx`` / ``blob/psize_A`` field, a bad
+        image number, non-finite values; the message starts with ``source_name`` and names
+        the field.
+
+    Example
+    -------
+    In a cryosparc-tools script::
+
+        project = cs.find_project("P3")
+        particles = project.find_job("J42").load_output("particles")
+        table = particles_from_dataset(
+            particles, source_name="P3 J42 particles", search_dirs=[str(project.dir)]
+        )
+        print(len(table), table.rotation_matrices is not None)
+    """
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"{source_name}: expected a cryosparc.dataset.Dataset, got {type(dataset).__name__}"
+        )
+    records = np.asarray(dataset.to_records(fixed=True))
+    dirs = (Path.cwd(),) if search_dirs is None else tuple(search_dirs)
+    return _table_from_records(
+        records,
+        source=source_name,
+        what="dataset",
+        path="",
+        search_dirs=tuple(str(d) for d in dirs),
+    )
+
+
+def _table_from_records(
+    records: NDArray[Any],
+    *,
+    source: str,
+    what: str,
+    path: str,
+    search_dirs: tuple[str, ...],
+) -> ParticleTable:
+    """The table of .cs rows ``records`` (all fields, passthrough merged); errors name ``source``.
+
+    The one code path of `read_cryosparc_particles` and `particles_from_dataset`.
+    """
     n = len(records)
     if n == 0:
-        raise ParticleFileError(f"{p}: the file holds no particles (0 rows)")
+        raise ParticleFileError(f"{source}: the {what} holds no particles (0 rows)")
     for required in ("uid", "blob/path", "blob/idx"):
         if _field(records, required) is None:
             raise ParticleFileError(
-                f"{p}: field {required} is missing; export the particles with their blob slot "
-                "(or pass the passthrough file that has it)"
+                f"{source}: field {required} is missing; export the particles with their blob "
+                "slot (or pass the passthrough file that has it)"
             )
-    _check_finite(p, records)
+    _check_finite(source, records)
+    maker = "file that wrote it" if what == "file" else "code that made the dataset"
     idx = np.asarray(records["blob/idx"])
     if idx.dtype.kind not in "iu":
         bad = ~np.isfinite(idx.astype(np.float64)) | (idx != np.round(idx)) | (idx < 0)
         if idx.dtype.kind not in "f" or bad.any():
             row = int(np.flatnonzero(bad)[0]) if idx.dtype.kind == "f" else 0
             raise ParticleFileError(
-                f"{p}: field blob/idx of row {row + 1} (uid {records['uid'][row]}) is "
-                f"{idx[row]!r}, not an image number (0, 1, 2, ...); fix the file that wrote it"
+                f"{source}: field blob/idx of row {row + 1} (uid {records['uid'][row]}) is "
+                f"{idx[row]!r}, not an image number (0, 1, 2, ...); fix the {maker}"
             )
     elif idx.dtype.kind == "i" and (idx < 0).any():
         row = int(np.flatnonzero(idx < 0)[0])
         raise ParticleFileError(
-            f"{p}: field blob/idx of row {row + 1} (uid {records['uid'][row]}) is {idx[row]}, "
-            "negative; fix the file that wrote it"
+            f"{source}: field blob/idx of row {row + 1} (uid {records['uid'][row]}) is "
+            f"{idx[row]}, negative; fix the {maker}"
         )
 
     def f(name: str, default: float) -> NDArray[np.float64]:
@@ -294,7 +384,7 @@ def read_cryosparc_particles(
 
     blob_psize = f("blob/psize_A", np.nan)
     if np.isnan(blob_psize).any():
-        raise ParticleFileError(f"{p}: blob/psize_A is missing; cannot know the pixel size")
+        raise ParticleFileError(f"{source}: blob/psize_A is missing; cannot know the pixel size")
     rotations = None
     shifts = np.zeros((n, 2))
     pose = _field(records, "alignments3D/pose")
@@ -304,10 +394,11 @@ def read_cryosparc_particles(
         align_psize = np.where(align_psize > 0, align_psize, blob_psize)
         if not np.allclose(align_psize, blob_psize, rtol=1e-4):
             warnings.warn(
-                f"{p}: alignments3D/psize_A ({align_psize[0]:.4f} Å) differs from blob/psize_A "
-                f"({blob_psize[0]:.4f} Å); shifts are converted with alignments3D/psize_A",
+                f"{source}: alignments3D/psize_A ({align_psize[0]:.4f} Å) differs from "
+                f"blob/psize_A ({blob_psize[0]:.4f} Å); shifts are converted with "
+                "alignments3D/psize_A",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         shift = _field(records, "alignments3D/shift")
         if shift is not None:
@@ -324,7 +415,6 @@ def read_cryosparc_particles(
     for key, values in extra.items():
         if values.dtype.kind == "S":
             extra[key] = _text(values)
-    here = p.resolve().parent
     return ParticleTable(
         image_paths=_text(records["blob/path"]),
         image_indices=np.asarray(records["blob/idx"], dtype=np.int64),
@@ -345,8 +435,8 @@ def read_cryosparc_particles(
         class_number=None if cls is None else np.asarray(cls, dtype=np.int64) + 1,
         uids=np.asarray(records["uid"], dtype=np.uint64),
         extra=extra,
-        source=SourceRows(format="cryosparc", rows=records, path=str(p)),
-        search_dirs=(str(here), str(here.parent), str(here.parent.parent), str(Path.cwd())),
+        source=SourceRows(format="cryosparc", rows=records, path=path),
+        search_dirs=search_dirs,
     )
 
 
@@ -545,18 +635,44 @@ def _set(
     ds[name] = values
 
 
-def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]) -> list[str]:
-    """Write ``table`` as a cryoSPARC ``.cs`` (numpy format), keeping every field it did not change.
+def dataset_from_particles(table: ParticleTable) -> Dataset:
+    """The cryosparc-tools ``Dataset`` of ``table``, in memory, without any file.
 
-    Poses go to ``alignments3D/pose`` / ``shift`` (pixels of ``blob/psize_A``) / ``psize_A`` on
-    the rows whose pose changed (an unchanged pose keeps its exact vector); ``table.extra``
-    values to ``dhn/<label>`` fields. Written atomically, never over the input. Returns notes on
-    what could not get a .cs field of its own and where it went.
+    The rows `write_cryosparc_particles` saves: every field of the rows read (uids included)
+    with only the values the table changed replaced; 3D poses as cryoSPARC stores them
+    (``alignments3D/pose`` axis-angle of ``A.T``, ``shift`` in pixels of ``psize_A``);
+    ``table.extra`` values as ``dhn/<label>`` fields; a table read from a STAR file gets
+    stable uids and its STAR columns as ``rln/<label>`` fields. `particles_from_dataset` of
+    the result gives the table back.
+
+    Parameters
+    ----------
+    table : ParticleTable
+        Particles from any reader (``.cs``, STAR, `particles_from_dataset`) or stage.
+
+    Returns
+    -------
+    cryosparc.dataset.Dataset
+        A new dataset (``table`` is not modified and shares no memory with it).
+
+    Example
+    -------
+    Results back to cryoSPARC from a cryosparc-tools script (``job`` an External job with a
+    ``particles`` output whose slots include ``alignments3D``)::
+
+        results = dataset_from_particles(table)
+        out = job.alloc_output("particles", results["uid"])
+        for field in ("alignments3D/pose", "alignments3D/shift", "alignments3D/psize_A"):
+            out[field] = results[field]
+        job.save_output("particles", out)
     """
-    out = Path(path)
+    return _dataset(table, "the dataset")[0]
+
+
+def _dataset(table: ParticleTable, where: str) -> tuple[Dataset, list[str]]:
+    """`dataset_from_particles` plus notes on what had no .cs field of its own (``where`` it
+    went, for the notes)."""
     src = table.source
-    if src is not None and src.path:
-        check_not_input(out, src.path)
     notes: list[str] = []
     records: NDArray[Any] | None = None
     if src is not None and src.format == "cryosparc":
@@ -573,7 +689,7 @@ def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]
             shown = ", ".join(unmapped)
             notes.append(
                 f"{len(unmapped)} STAR column(s) without a .cs field ({shown}) kept as "
-                f"rln/<label> fields in {out}"
+                f"rln/<label> fields in {where}"
             )
     n = len(table)
     _write_poses(ds, table, records)
@@ -594,6 +710,23 @@ def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]
             _set(ds, f"dhn/{key}", "O", np.asarray([str(v) for v in arr], dtype=object))
     if len(ds) != n:
         raise ValueError(f"internal error: {len(ds)} rows for {n} particles")
+    return ds, notes
+
+
+def write_cryosparc_particles(table: ParticleTable, path: str | os.PathLike[str]) -> list[str]:
+    """Write ``table`` as a cryoSPARC ``.cs`` (numpy format), keeping every field it did not change.
+
+    Poses go to ``alignments3D/pose`` / ``shift`` (pixels of ``blob/psize_A``) / ``psize_A`` on
+    the rows whose pose changed (an unchanged pose keeps its exact vector); ``table.extra``
+    values to ``dhn/<label>`` fields. Written atomically, never over the input. Returns notes on
+    what could not get a .cs field of its own and where it went. The rows saved are
+    `dataset_from_particles` of ``table``.
+    """
+    out = Path(path)
+    src = table.source
+    if src is not None and src.path:
+        check_not_input(out, src.path)
+    ds, notes = _dataset(table, str(out))
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         ds.save(fh)
     return notes

@@ -175,7 +175,11 @@ def _pick_particle_block(path: Path, blocks: dict[str, Any]) -> tuple[str, pd.Da
 
 
 def _check_values(path: Path, df: pd.DataFrame, table: str) -> None:
-    """NaN (also from truncated rows), inf or text in a number column -> error naming row/column."""
+    """NaN (also from truncated rows), inf or text in a number column -> error naming row/column.
+
+    Our own ``dhn`` columns may hold ``nan`` where a value does not exist for a particle (the
+    cost of one that failed, the network confidence of a HEMNMA particle); a truncated row is
+    still caught, by its token count (`star.check_star_text`)."""
     for col in df.columns:
         if col in NUMERIC_LABELS and not pd.api.types.is_numeric_dtype(df[col]):
             values = df[col].astype(str)
@@ -187,7 +191,8 @@ def _check_values(path: Path, df: pd.DataFrame, table: str) -> None:
                     "not a number; fix or remove that row"
                 )
             df[col] = pd.to_numeric(values)
-    missing = df.isna().to_numpy()
+    optional = np.array([str(c).startswith("dhn") for c in df.columns], dtype=bool)
+    missing = df.isna().to_numpy() & ~optional[None, :]
     if missing.any():
         row, col = np.argwhere(missing)[0]
         raise ParticleFileError(
@@ -196,7 +201,9 @@ def _check_values(path: Path, df: pd.DataFrame, table: str) -> None:
         )
     numeric = df.select_dtypes(include="number")
     if numeric.shape[1]:
-        bad = ~np.isfinite(numeric.to_numpy(dtype=np.float64))
+        numbers = numeric.to_numpy(dtype=np.float64)
+        ours = np.array([str(c).startswith("dhn") for c in numeric.columns], dtype=bool)
+        bad = ~np.isfinite(numbers) & ~(np.isnan(numbers) & ours[None, :])
         if bad.any():
             row, col = np.argwhere(bad)[0]
             raise ParticleFileError(

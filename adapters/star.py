@@ -244,6 +244,7 @@ def _loop_text(name: str, df: pd.DataFrame) -> str:
         quoting=csv.QUOTE_NONE,
         quotechar="\x1f",
         lineterminator="\n",
+        na_rep="nan",  # a missing number (a failed particle's cost): never an empty token
     )
     return "\n".join(header) + "\n" + body + "\n"
 

@@ -12,6 +12,13 @@
    (``predict --refine``), and with ``--fallback`` for those whose cost then stays above the
    99th percentile of the training particles' HEMNMA costs re-aligned by HEMNMA
    (``predict --fallback-cost auto``).
+   ``--train-args`` adds ``deephemnma train`` options (``MODES`` stands for the simulation's
+   modes file), e.g. the simulation-trained grid head:
+   ``--train-args "--orientation-head grid --modes MODES --synthetic-epochs 30"``; the
+   training's CPU time (user + system of the process) is printed. With the grid head the
+   network alone is also scored on its top-k (``--top-k``, 4): the share of held-out particles
+   whose true orientation is within 15° of one of the k, and the median confidence of the
+   particles it got right (< 15°) and wrong.
 4. Inference throughput on every simulated particle: end to end (``deephemnma predict``:
    stack -> STAR, the loop's rate as the command prints it) and the bare network forward pass
    on a tensor of the same size and batch (``--infer-batch``), alternated twice in the same
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -89,6 +97,9 @@ def main() -> None:
         "--fallback", action="store_true", help="with --refine: also --fallback-cost auto"
     )
     parser.add_argument("--retrain", action="store_true", help="train afresh in an old --work")
+    parser.add_argument("--train-args", default="", help="more train options (MODES: modes)")
+    parser.add_argument("--top-k", type=int, default=4, help="grid head: candidates scored")
+    parser.add_argument("--net", default="net", help="network folder name under --work")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_network_"))
@@ -117,7 +128,7 @@ def main() -> None:
                     str(work / f"hemnma_{name}"),
                 ]
             )
-    net = work / "net"
+    net = work / args.net
     if args.retrain:
         fresh(net)
     train = ["train", str(work / "hemnma_train" / "particles.star"), "--out", str(net)]
@@ -126,7 +137,12 @@ def main() -> None:
     train += ["--size", str(args.size)] if args.size else []
     train += ["--lr-step", str(args.lr_step)] if args.lr_step else []
     train += ["--augment"] if args.augment else []
+    train += [a.replace("MODES", modes) for a in args.train_args.split()]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cli(train)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    train_cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    print(f"  train: {train_cpu / 60:.1f} CPU-minutes ({' '.join(train[4:])})", flush=True)
     pred = work / "predicted"
     fresh(pred)
     cli(
@@ -144,6 +160,7 @@ def main() -> None:
         ]
     )
     results = {"network": errors(pred / "particles.star")}
+    topk_report(net, sim / "test.star", args.top_k)
     if args.refine:
         runs = {f"+refine{args.refine}": []}
         if args.fallback:
@@ -176,6 +193,51 @@ def main() -> None:
             "(target <= 1.25x)"
         )
     throughput(net, sim / "particles.star", work / "throughput", args.infer_batch)
+
+
+def topk_report(net: Path, particles: Path, k: int) -> None:
+    """Grid head only: true orientation within 15° of one of the top k; confidence split."""
+    from deephemnma_bridge.adapters import ParticleImages
+    from deephemnma_bridge.conventions import angle_between_rotations_degrees, euler_to_matrix
+    from deephemnma_bridge.preprocess import PreprocessConfig, preprocess_images
+    from deephemnma_bridge.training.data import CTF_FIELDS, ctf_from_rows
+    from deephemnma_bridge.training.targets import TargetSpec, decode
+
+    model, meta = load_checkpoint(net)
+    spec = TargetSpec.from_dict(meta["target"])
+    if spec.grid is None:
+        return
+    table = read_particles(particles)
+    prep = PreprocessConfig.from_dict(meta["preprocess"])
+    ctf = np.stack([np.asarray(getattr(table, f), dtype=float) for f in CTF_FIELDS], axis=1)
+    source = ParticleImages(table)
+    cands, conf = [], []
+    with torch.no_grad():
+        for start in range(0, len(table), 128):
+            rows = np.arange(start, min(start + 128, len(table)))
+            x = preprocess_images(
+                torch.as_tensor(source.read(rows)),
+                pixel_size_angstrom=float(table.pixel_size_angstrom[0]),
+                config=prep,
+                ctf=ctf_from_rows(ctf[rows], torch.device("cpu")),
+            )
+            out = decode(spec, model(x[:, None]), top_k=k)
+            cands.append(out["candidates"])
+            conf.append(out["confidence"])
+    c, p = np.concatenate(cands), np.concatenate(conf)
+    e = table.extra
+    true = euler_to_matrix(np.stack([e[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1))
+    err = np.stack([angle_between_rotations_degrees(c[:, j], true) for j in range(k)], 1)
+    good = err[:, 0] < 15
+    right = float(np.median(p[good])) if good.any() else float("nan")
+    wrong = float(np.median(p[~good])) if (~good).any() else float("nan")
+    print(
+        f"  network top-1 median {np.median(err[:, 0]):.2f}° (p90 "
+        f"{np.percentile(err[:, 0], 90):.2f}°); true within 15° of one of the top {k}: "
+        f"{100 * np.mean(err.min(1) < 15):.1f} % (target >= 98 %), of the top 1: "
+        f"{100 * np.mean(good):.1f} %; median confidence right {right:.3f}, wrong {wrong:.3f}",
+        flush=True,
+    )
 
 
 def bare_forward(size: int, batch: int, seconds: float = 5.0) -> float:

@@ -189,3 +189,22 @@ def test_relion_reads_what_we_write(tmp_path: Path, relative: str) -> None:
             cwd=tmp_path,
         )
         assert done.returncode == 0 and "ERROR" not in done.stdout + done.stderr, done.stderr
+
+
+def test_a_missing_value_of_ours_is_written_as_nan_and_read_back(tmp_path: Path) -> None:
+    """A failed particle's _dhnCost (or a HEMNMA particle's _dhnConfidence) is NaN: written as
+    the token nan (an empty token made the row look truncated), read back as NaN; in a RELION
+    column or a short row it is still an error."""
+    table = read_particles(shared("relion/simplecryoem/relion_proj_batch.star"))
+    cost = np.full(len(table), 0.3)
+    cost[1] = np.nan
+    out = tmp_path / "p.star"
+    write_particles(table.with_extra(dhnCost=cost), out)
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith("000002@"))
+    assert row.split("\t")[-1] == "nan"
+    back = np.asarray(read_particles(out).extra["dhnCost"], dtype=float)
+    assert np.isnan(back[1]) and np.all(back[np.arange(len(back)) != 1] == 0.3)
+    text = out.read_text().replace(row, row.replace("\tnan", ""))
+    (tmp_path / "short.star").write_text(text)
+    with pytest.raises(ParticleFileError, match="row 2"):
+        read_particles(tmp_path / "short.star")

@@ -836,8 +836,10 @@ def align_batch(
 
     ``rotations``/``shifts_angstrom`` (the host program's poses) are needed with
     ``config.fixed_poses`` (amplitudes only) or ``config.local_poses`` (start from them, no
-    global search); ``amplitudes`` (B, M), optional, start the refinement there (e.g. a
-    network's prediction) instead of ``config.amplitude_starts``. ``final_reference``, if
+    global search); with ``local_poses`` ``rotations`` may hold several candidates per particle
+    (B, C, 3, 3) (e.g. a network's top-k), each refined, the best kept; ``amplitudes``
+    (B, M), optional, start the refinement there (e.g. a network's prediction) instead of
+    ``config.amplitude_starts``. ``final_reference``, if
     given, renders the template of the last refinement stage (e.g. every atom, while the search
     and the first stage use residue blobs). ``library``: the global-search library of
     ``reference`` at this box and pixel size (`SearchLibrary.build`); built here when None.
@@ -857,8 +859,11 @@ def align_batch(
     if config.fixed_poses or config.local_poses:
         if rotations is None or shifts_angstrom is None:
             raise InputError("the particles have no poses; run without --fixed/--local poses")
-        rot_c = rotations.to(device, torch.float32)[:, None]
-        org_c = shifts_angstrom.to(device, torch.float32)[:, None]
+        rot_c = rotations.to(device, torch.float32)
+        rot_c = rot_c[:, None] if rot_c.ndim == 3 else rot_c  # (B, C, 3, 3) candidates
+        org_c = shifts_angstrom.to(device, torch.float32)
+        org_c = org_c[:, None] if org_c.ndim == 2 else org_c
+        org_c = org_c.expand(b, rot_c.shape[1], 2).contiguous()
     else:
         if library is None:
             library = SearchLibrary.build(reference, config, box, pixel_size_angstrom, device)

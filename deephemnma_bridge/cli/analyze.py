@@ -4,7 +4,10 @@ PARTICLES carries _dhnAmplitude<mode> columns (from `deephemnma align` or `predi
 _dhnSource column tells HEMNMA and network particles apart, both are used). Writes into DIR:
   particles.star / .cs    every particle with _dhnPC1, _dhnPC2(, _dhnPC3) and _dhnGroup
   pca.npz                 the fitted space (--space projects new particles into it)
-  groups/group_NN.star/.cs and group_NN_reconstruct.sh (the relion_reconstruct command)
+  groups/group_NN.star/.cs and group_NN_reconstruct.sh (the relion_reconstruct command);
+                          with --subset-poses trusted (the default) only particles whose
+                          poses are trusted (_dhnTrusted 1: HEMNMA's, and the network's that
+                          pass --min-confidence / --max-cost); the others in untrusted.star
   selection.star/.cs      with --box / --polygon / --select
   models/                 with --modes: each group's centroid model (PDB + mmCIF), PC-axis
                           trajectories (multi-model PDB) and view.cxc for ChimeraX
@@ -54,6 +57,25 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     p("--n-groups", type=int, default=4, help="clusters for kmeans / gmm (4)")
     p("--exclude-tails", type=float, default=0.0, help="fraction left out at each PC1 end")
+    p(
+        "--subset-poses",
+        choices=["trusted", "all"],
+        default="trusted",
+        help="group subsets and the selection hold only particles with trusted poses (default: "
+        "HEMNMA's, and the network's that pass --min-confidence and --max-cost) or all",
+    )
+    p(
+        "--min-confidence",
+        type=float,
+        default=0.5,
+        help="network particles need this pose confidence (_dhnConfidence) to be trusted (0.5)",
+    )
+    p(
+        "--max-cost",
+        default="auto",
+        help="network particles need a _dhnCost at most this to be trusted (a number, auto: "
+        "the 99th percentile of the HEMNMA particles' costs, or none)",
+    )
     p("--box", default=None, help="selection box, e.g. PC1:-1:1,PC2:0:5 (also A7:..)")
     p("--polygon", default=None, help="selection polygon in PC1-PC2: x1,y1;x2,y2;x3,y3")
     p("--select", default=None, help="selection expression, e.g. 'PC1 > 0 and A7 < 10'")
@@ -119,6 +141,57 @@ def _atomic_model(modes: Any) -> Any:
     return trace, np.arange(n)
 
 
+def trusted_poses(extra: Any, args: argparse.Namespace) -> tuple[np.ndarray, str]:
+    """Which particles' poses are trusted, and how it was decided (one line).
+
+    HEMNMA's particles (``_dhnSource`` hemnma, or no such column: an ``align`` output) are
+    trusted when their cost is finite (they converged). A network particle (``_dhnSource``
+    network) is trusted when it passes every test its columns allow: ``_dhnConfidence`` at
+    least ``--min-confidence`` and ``_dhnCost`` at most ``--max-cost``; a network particle with
+    neither column cannot be judged and is not trusted.
+    """
+    n = len(next(iter(extra.values()))) if extra else 0
+    source = np.asarray(extra.get("dhnSource", np.full(n, "hemnma")), dtype=object).astype(str)
+    cost = np.asarray(extra["dhnCost"], dtype=float) if "dhnCost" in extra else None
+    hemnma = source != "network"
+    trusted = hemnma & (np.isfinite(cost) if cost is not None else True)
+    network = ~hemnma
+    notes = []
+    if network.any():
+        judged = np.zeros(n, dtype=bool)
+        ok = network.copy()
+        if "dhnConfidence" in extra:
+            if not 0 <= args.min_confidence <= 1:
+                raise InputError(f"--min-confidence is a probability (0-1): {args.min_confidence}")
+            conf = np.asarray(extra["dhnConfidence"], dtype=float)
+            ok &= conf >= args.min_confidence
+            judged |= network
+            notes.append(f"confidence >= {args.min_confidence:g}")
+        limit = str(args.max_cost).strip().lower()
+        if cost is not None and limit != "none":
+            if limit == "auto":
+                ref = cost[hemnma & np.isfinite(cost)]
+                threshold = float(np.percentile(ref, 99)) if len(ref) >= 20 else None
+            else:
+                try:
+                    threshold = float(limit)
+                except ValueError:
+                    raise InputError(
+                        f"--max-cost {args.max_cost!r}: a number, auto or none"
+                    ) from None
+            if threshold is not None:
+                ok &= cost <= threshold
+                judged |= network
+                notes.append(f"cost <= {threshold:.4f}")
+        trusted = trusted | (ok & judged)
+        if not judged[network].any():
+            notes.append("network poses without _dhnConfidence or _dhnCost are not trusted")
+    rule = "HEMNMA's converged particles" + (
+        "; network particles with " + " and ".join(notes) if notes else ""
+    )
+    return np.asarray(trusted, dtype=bool), rule
+
+
 def _figures(
     out: Path, frame: pd.DataFrame, amps: np.ndarray, modes: list[int], table: Any, space: Any
 ) -> list[str]:
@@ -165,7 +238,63 @@ def _figures(
         fig.savefig(out / "errors.png", dpi=110)
         plt.close(fig)
         made.append("errors.png")
+    if "dhnSource" in table.extra or "dhnTrueAngleRot" in table.extra:
+        made.append(_source_figure(out, frame, table, plt))
     return made
+
+
+def _source_figure(out: Path, frame: pd.DataFrame, table: Any, plt: Any) -> str:
+    """PC space coloured by where each pose came from (HEMNMA, network; untrusted hollow),
+    and, with ground truth, each source's angular errors (one histogram per source: no
+    pooled figure that matches neither)."""
+    from ..conventions import angle_between_rotations_degrees, euler_to_matrix
+
+    extra = table.extra
+    n = len(frame)
+    source = np.asarray(extra.get("dhnSource", np.full(n, "hemnma")), dtype=object).astype(str)
+    trusted = np.asarray(extra.get("dhnTrusted", np.ones(n)), dtype=float) > 0
+    truth = all(f"dhnTrueAngle{a}" in extra for a in ("Rot", "Tilt", "Psi"))
+    has_poses = table.rotation_matrices is not None
+    fig, axes = plt.subplots(1, 2 if truth and has_poses else 1, figsize=(11, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    for k, name in enumerate(sorted(set(source))):
+        colour = f"C{k}"
+        for ok, face in ((True, colour), (False, "none")):
+            sel = (source == name) & (trusted == ok)
+            if sel.any():
+                ax.scatter(
+                    frame.loc[sel, "PC1"], frame.loc[sel, "PC2"], s=6, alpha=0.6,
+                    facecolors=face, edgecolors=colour,
+                    label=f"{name}{'' if ok else ' (untrusted)'} ({int(sel.sum())})",
+                )  # fmt: skip
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    ax.legend(fontsize=8, markerscale=2)
+    ax.set_title("PC space by pose source", fontsize=10)
+    if truth and has_poses:
+        true = euler_to_matrix(
+            np.stack(
+                [np.asarray(extra[f"dhnTrueAngle{a}"], float) for a in ("Rot", "Tilt", "Psi")], 1
+            )
+        )
+        err = angle_between_rotations_degrees(table.rotation_matrices, true)
+        ax2 = axes[0, 1]
+        bins = np.logspace(-1, np.log10(180), 40)
+        for k, name in enumerate(sorted(set(source))):
+            e = err[source == name]
+            ax2.hist(
+                e, bins=bins, histtype="step", color=f"C{k}",
+                label=f"{name}: median {np.median(e):.2f}°, p90 {np.percentile(e, 90):.2f}°",
+            )  # fmt: skip
+        ax2.set_xscale("log")
+        ax2.set_xlabel("angular error vs ground truth (°)")
+        ax2.set_ylabel("particles")
+        ax2.legend(fontsize=8)
+        ax2.set_title("pose error by source", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "sources.png", dpi=110)
+    plt.close(fig)
+    return "sources.png"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -234,8 +363,11 @@ def main(args: argparse.Namespace) -> int:
             selection &= select_expression(frame, args.select)
         if not selection.any():
             raise InputError("the selection (--box/--polygon/--select) holds no particle")
+    trusted, trust_note = trusted_poses(table.extra, args)
     columns: dict[str, Any] = {f"dhnPC{k + 1}": coords[:, k] for k in range(space.n_components)}
     columns["dhnGroup"] = groups
+    columns["dhnTrusted"] = trusted.astype(np.int64)
+    in_subsets = trusted if args.subset_poses == "trusted" else np.ones(n, dtype=bool)
     result = portable_image_paths(table.with_extra(**columns))
     report: list[str] = [f"# Conformational space of {args.particles}", ""]
     variance = ", ".join(f"{100 * v:.1f} %" for v in space.explained_variance_ratio)
@@ -246,6 +378,12 @@ def main(args: argparse.Namespace) -> int:
     if "dhnSource" in table.extra:
         counts = pd.Series(np.asarray(table.extra["dhnSource"]).astype(str)).value_counts()
         report.append("- sources: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    report.append(f"- trusted poses: {int(trusted.sum())} of {n} ({trust_note})")
+    if args.subset_poses == "trusted":
+        report.append(
+            "- group subsets and the selection hold the trusted particles only; the others are "
+            "in untrusted.star (--subset-poses all keeps them)"
+        )
     with atomic_dir(args.out, command="analyze", inputs=inputs, overwrite=args.overwrite) as tmp:
         write_particles(result, tmp / "particles.star", relion_version=args.relion_version)
         write_particles(result, tmp / "particles.cs")
@@ -256,12 +394,23 @@ def main(args: argparse.Namespace) -> int:
             "",
             "## Groups",
             "",
-            "| group | particles | PC1 range | subset | reconstruct |",
-            "| --- | --- | --- | --- | --- |",
+            "| group | particles | in the subset | PC1 range | subset | reconstruct |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
+        if not in_subsets.all():
+            write_particles(
+                result.mask(~in_subsets), tmp / "untrusted.star", relion_version=args.relion_version
+            )
         for g in group_ids:
             sel = groups == g
-            sub = result.mask(sel)
+            if not (sel & in_subsets).any():
+                lo, hi = coords[sel, 0].min(), coords[sel, 0].max()
+                report.append(
+                    f"| {g} | {int(sel.sum())} | 0 | {lo:.2f} to {hi:.2f} | none: no trusted "
+                    "pose | |"
+                )
+                continue
+            sub = result.mask(sel & in_subsets)
             name = f"group_{g:02d}"
             write_particles(
                 sub, tmp / "groups" / f"{name}.star", relion_version=args.relion_version
@@ -274,15 +423,18 @@ def main(args: argparse.Namespace) -> int:
             (tmp / "groups" / f"{name}_reconstruct.sh").write_text("#!/bin/sh\n" + command)
             lo, hi = coords[sel, 0].min(), coords[sel, 0].max()
             report.append(
-                f"| {g} | {int(sel.sum())} | {lo:.2f} to {hi:.2f} | "
-                f"groups/{name}.star | `{command.strip()}` |"
+                f"| {g} | {int(sel.sum())} | {int((sel & in_subsets).sum())} | "
+                f"{lo:.2f} to {hi:.2f} | groups/{name}.star | `{command.strip()}` |"
             )
         if selection is not None:
-            write_particles(
-                result.mask(selection), tmp / "selection.star", relion_version=args.relion_version
-            )
-            write_particles(result.mask(selection), tmp / "selection.cs")
-            report += ["", f"Selection: {int(selection.sum())} particles -> selection.star"]
+            chosen = result.mask(selection & in_subsets)
+            write_particles(chosen, tmp / "selection.star", relion_version=args.relion_version)
+            write_particles(chosen, tmp / "selection.cs")
+            report += [
+                "",
+                f"Selection: {int(selection.sum())} particles, {len(chosen)} with trusted poses "
+                "-> selection.star",
+            ]
         if args.modes is not None:
             from ..nma import deform_atoms
 
@@ -319,7 +471,7 @@ def main(args: argparse.Namespace) -> int:
             cxc.append("coordset slider #*")
             (tmp / "models" / "view.cxc").write_text("\n".join(cxc) + "\n")
             report += ["", "Models: models/ (centroids, PC-axis trajectories, view.cxc)"]
-        figures = _figures(tmp, frame, amps, modes, table, space)
+        figures = _figures(tmp, frame, amps, modes, result, space)
         if args.training is not None and (args.training / "training.png").is_file():
             shutil.copyfile(args.training / "training.png", tmp / "training.png")
             figures.append("training.png")

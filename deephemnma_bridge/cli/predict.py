@@ -65,6 +65,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "(a number, or auto: the 99th percentile of the --hemnma particles' _dhnCost)",
     )
     p(
+        "--top-k",
+        type=int,
+        default=4,
+        help="grid head: --refine starts from this many orientations of each particle (4)",
+    )
+    p(
+        "--fallback-confidence",
+        type=float,
+        default=None,
+        help="grid head: re-align by HEMNMA (global search) the particles whose pose "
+        "confidence (_dhnConfidence, the probability mass around the best orientation) is "
+        "below this (needs --modes)",
+    )
+    p(
         "--hemnma",
         type=Path,
         default=None,
@@ -172,6 +186,21 @@ def main(args: argparse.Namespace) -> int:
     reference = final_reference = config = None
     if args.refine < 0:
         raise InputError(f"--refine must be >= 0 iterations, got {args.refine}")
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {args.top_k}")
+    grid_head = any(spec.grid is not None for _, _, spec in nets)
+    if args.fallback_confidence is not None:
+        if not grid_head:
+            raise InputError(
+                "--fallback-confidence needs a network with the grid orientation head "
+                "(train --orientation-head grid)"
+            )
+        if args.modes is None:
+            raise InputError("--fallback-confidence re-aligns by HEMNMA: give --modes")
+        if not 0 <= args.fallback_confidence <= 1:
+            raise InputError(
+                f"--fallback-confidence is a probability (0-1), got {args.fallback_confidence}"
+            )
     aligned = None  # --hemnma, read and checked once, before any prediction
     if args.hemnma is not None:
         aligned = read_particles(args.hemnma)
@@ -216,6 +245,7 @@ def main(args: argparse.Namespace) -> int:
         "shifts": ((2,), np.float64),
         "cost": ((), np.float64),
         "fallback": ((), np.bool_),
+        "confidence": ((), np.float64),
     }
     settings = {
         "particles": input_identity(args.particles, table),
@@ -269,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
                 x = inputs[key]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     y = model(x[:, None]).float()
-                out.update(decode(spec, y))
+                out.update(decode(spec, y, top_k=args.top_k))
             rot: Any = out.get(
                 "rotations",
                 table.rotation_matrices[rows] if table.rotation_matrices is not None else None,
@@ -278,6 +308,10 @@ def main(args: argparse.Namespace) -> int:
             amps = out.get("amplitudes", np.zeros((len(rows), 0)))
             cost = np.full(len(rows), np.nan)
             fell = np.zeros(len(rows), dtype=bool)
+            confidence = out.get("confidence", np.full(len(rows), np.nan))
+            starts: Any = rot
+            if "candidates" in out and args.refine:
+                starts = out["candidates"]  # (B, k, 3, 3): the best of the k is kept
             if reference is not None and config is not None:
                 xa = preprocess_images(images, pixel_size_angstrom=pixel, config=align_prep)
                 with torch.enable_grad():
@@ -287,7 +321,7 @@ def main(args: argparse.Namespace) -> int:
                         reference,
                         config,
                         pixel_size_angstrom=work_pixel,
-                        rotations=torch.as_tensor(rot),
+                        rotations=torch.as_tensor(starts),
                         shifts_angstrom=torch.as_tensor(shifts),
                         amplitudes=torch.as_tensor(amps, dtype=torch.float32),
                         # the cost of `align`'s last stage (every atom, 4 Å): comparable
@@ -301,6 +335,8 @@ def main(args: argparse.Namespace) -> int:
                 )
                 if threshold is not None:
                     fell = ~(cost <= threshold)  # NaN (failed) too
+                if args.fallback_confidence is not None:
+                    fell |= ~(confidence >= args.fallback_confidence)
                 if fell.any():
                     if library is None:
                         library = SearchLibrary.build(
@@ -324,7 +360,13 @@ def main(args: argparse.Namespace) -> int:
                     )
                     cost[idx] = full.cost
             run.store(
-                local, amplitudes=amps, rotations=rot, shifts=shifts, cost=cost, fallback=fell
+                local,
+                amplitudes=amps,
+                rotations=rot,
+                shifts=shifts,
+                cost=cost,
+                fallback=fell,
+                confidence=confidence,
             )
             bar.update(len(rows))
     bar.close()
@@ -334,10 +376,13 @@ def main(args: argparse.Namespace) -> int:
         run.close(success=False)
         return 0
     source = np.full(n, "network", dtype=object)
-    if threshold is not None:
+    if threshold is not None or args.fallback_confidence is not None:
         source[merged["fallback"]] = "hemnma"
+        why = [f"a cost above {threshold:.4f}"] if threshold is not None else []
+        if args.fallback_confidence is not None:
+            why.append(f"a pose confidence below {args.fallback_confidence:g}")
         print(
-            f"{int(merged['fallback'].sum())} particle(s) with a cost above {threshold:.4f} "
+            f"{int(merged['fallback'].sum())} particle(s) with {' or '.join(why)} "
             "re-aligned by HEMNMA (global search)"
         )
     amplitudes, rotations, shifts_all = merged["amplitudes"], merged["rotations"], merged["shifts"]
@@ -362,6 +407,11 @@ def main(args: argparse.Namespace) -> int:
         columns["dhnModes"] = np.full(n, trained_on.pop(), dtype=object)
     if args.modes is not None or aligned is not None:
         columns["dhnCost"] = cost_all
+    if grid_head:  # the network's pose confidence (HEMNMA's particles: NaN, not judged)
+        conf = np.asarray(merged["confidence"], dtype=float).copy()
+        if aligned is not None:
+            conf[where[found]] = np.nan
+        columns["dhnConfidence"] = conf
     result = table.with_poses(rotations, shifts_all).with_extra(**columns)
     result = portable_image_paths(result)  # reachable from the output folder too
     with atomic_dir(args.out, command="predict", inputs=in_files, overwrite=args.overwrite) as tmp:

@@ -78,6 +78,29 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     p("--seed", type=int, default=None)
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p(
+        "--orientation-head",
+        choices=["quaternion", "grid"],
+        default=None,
+        help="quaternion regression (the paper's, default) or scores over an SO(3) grid with "
+        "the top-k orientations and a confidence",
+    )
+    p("--grid-step", type=float, default=None, help="SO(3) grid step of the grid head (15°)")
+    p(
+        "--synthetic-epochs",
+        type=int,
+        default=None,
+        help="first N epochs on fresh images rendered from the reference and modes (needs "
+        "--modes; noise matched to the particles), the rest on the labelled particles (0)",
+    )
+    p(
+        "--synthetic-batches",
+        type=int,
+        default=None,
+        help="batches per synthetic epoch (100)",
+    )
+    p("--modes", type=Path, default=None, help="modes .npz of the alignment (synthetic epochs)")
+    p("--backbone", default=None, help="timm model name (resnet34, the paper's)")
 
 
 def amplitude_columns(extra: Mapping[str, Any]) -> list[int]:
@@ -94,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
     from ..training.trainer import config_from_preset, train
 
     check_not_input(args.out, args.aligned)
-    inputs = (args.aligned,)
+    inputs = (args.aligned,) + ((args.modes,) if args.modes else ())
     check_output_dir(args.out, command="train", inputs=inputs, overwrite=args.overwrite)
     weights: tuple[tuple[str, float], ...] | None = None
     if args.loss_weights:
@@ -125,7 +148,22 @@ def main(args: argparse.Namespace) -> int:
         workers=args.workers,
         seed=args.seed,
         loss_weights=weights,
+        orientation_head=args.orientation_head,
+        grid_step_degrees=args.grid_step,
+        synthetic_epochs=args.synthetic_epochs,
+        synthetic_batches=args.synthetic_batches,
+        backbone=args.backbone,
     )
+    if config.synthetic_epochs and args.modes is None:
+        raise InputError("--synthetic-epochs renders images from the modes: give --modes")
+    if config.backbone != "resnet34":
+        import timm
+
+        if not timm.is_model(config.backbone):
+            raise InputError(
+                f"--backbone {config.backbone!r}: not a timm model (e.g. resnet34, resnet18, "
+                "efficientnet_b0; python -c 'import timm; print(timm.list_models())')"
+            )
     modes = amplitude_columns(table.extra)
     if config.target in ("all", "amplitudes") and not modes:
         raise InputError(
@@ -158,6 +196,21 @@ def main(args: argparse.Namespace) -> int:
             "train on particles aligned with one modes file"
         )
     modes_id = ids[0] if ids else None
+    reference = None
+    if config.synthetic_epochs:
+        from ..nma import NormalModes, check_modes_match
+        from .align import build_reference
+
+        if modes_id:
+            check_modes_match(NormalModes.load(args.modes), modes_id, args.modes, str(args.aligned))
+        reference, _, _ = build_reference(
+            args.modes,
+            modes,
+            final_template="same",
+            deformation=_deformation_of(args.aligned),
+            box_angstrom=float(boxes[0] * pixels[0]),
+            device=resolve_device(args.device),
+        )
     claim_output_dir(args.out, command="train", inputs=inputs, overwrite=args.overwrite)
     summary = train(
         ParticleImages(table),
@@ -173,6 +226,7 @@ def main(args: argparse.Namespace) -> int:
         config=config,
         out=args.out,
         device=resolve_device(args.device),
+        reference=reference,
         extra_meta={
             "source": str(args.aligned),
             "modes_fingerprint": modes_id,

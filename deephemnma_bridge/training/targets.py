@@ -17,6 +17,7 @@ Example
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from numpy.typing import NDArray
 
 from ..conventions import canonical_quaternion, matrix_to_quaternion, quaternion_to_matrix
 from ..errors import InputError
+from .so3 import OrientationGrid
 
 __all__ = ["PARTS", "TargetSpec", "decode", "encode", "target_loss"]
 
@@ -43,12 +45,24 @@ class TargetSpec:
     shift_mean: tuple[float, float] = (0.0, 0.0)
     shift_std: tuple[float, float] = (1.0, 1.0)
     weights: dict[str, float] = field(default_factory=dict)
+    # "quaternion" (the paper's: 4 outputs, L1) or "grid" (scores of the SO(3) grid of
+    # ``grid_step_degrees``, cross-entropy; `so3.OrientationGrid`)
+    orientation_head: str = "quaternion"
+    grid_step_degrees: float = 15.0
 
     @classmethod
     def create(
-        cls, target: str, *, n_modes: int, weights: dict[str, float] | None = None
+        cls,
+        target: str,
+        *,
+        n_modes: int,
+        weights: dict[str, float] | None = None,
+        orientation_head: str = "quaternion",
+        grid_step_degrees: float = 15.0,
     ) -> TargetSpec:
         """``target``: amplitudes, orientation, shifts or all."""
+        if orientation_head not in ("quaternion", "grid"):
+            raise InputError(f"orientation head must be quaternion or grid: {orientation_head!r}")
         if target == "all":
             parts: tuple[str, ...] = PARTS
         elif target in PARTS:
@@ -59,20 +73,42 @@ class TargetSpec:
             raise InputError("predicting amplitudes needs at least one mode")
         w = {p: 1.0 for p in parts}
         w.update(weights or {})
-        return cls(parts=parts, n_modes=n_modes, weights=w)
+        return cls(
+            parts=parts,
+            n_modes=n_modes,
+            weights=w,
+            orientation_head=orientation_head,
+            grid_step_degrees=float(grid_step_degrees),
+        )
+
+    @property
+    def grid(self) -> OrientationGrid | None:
+        """The SO(3) grid of the grid head (None for the quaternion head)."""
+        if self.orientation_head != "grid" or "orientation" not in self.parts:
+            return None
+        return _grid(self.grid_step_degrees)
 
     @property
     def sizes(self) -> dict[str, int]:
-        size = {"amplitudes": self.n_modes, "orientation": 4, "shifts": 2}
+        """Network outputs per part."""
+        grid = self.grid
+        size = {
+            "amplitudes": self.n_modes,
+            "orientation": 4 if grid is None else grid.size,
+            "shifts": 2,
+        }
         return {p: size[p] for p in self.parts}
 
     @property
     def slices(self) -> dict[str, slice]:
-        out, start = {}, 0
-        for p, k in self.sizes.items():
-            out[p] = slice(start, start + k)
-            start += k
-        return out
+        """Slices of the network outputs."""
+        return _slices(self.sizes)
+
+    @property
+    def label_slices(self) -> dict[str, slice]:
+        """Slices of the label vectors (`encode`): the orientation is always a quaternion."""
+        size = {"amplitudes": self.n_modes, "orientation": 4, "shifts": 2}
+        return _slices({p: size[p] for p in self.parts})
 
     @property
     def n_outputs(self) -> int:
@@ -102,6 +138,19 @@ class TargetSpec:
         return cls(**fields)
 
 
+@functools.lru_cache(maxsize=4)
+def _grid(step_degrees: float) -> OrientationGrid:
+    return OrientationGrid.create(step_degrees)
+
+
+def _slices(sizes: dict[str, int]) -> dict[str, slice]:
+    out, start = {}, 0
+    for p, k in sizes.items():
+        out[p] = slice(start, start + k)
+        start += k
+    return out
+
+
 def encode(
     spec: TargetSpec,
     amplitudes: NDArray[np.float64] | None,
@@ -126,15 +175,25 @@ def encode(
     return np.concatenate(cols, axis=1).astype(np.float32)
 
 
-def decode(spec: TargetSpec, outputs: torch.Tensor) -> dict[str, NDArray[np.float64]]:
+def decode(
+    spec: TargetSpec, outputs: torch.Tensor, *, top_k: int = 4
+) -> dict[str, NDArray[np.float64]]:
     """Network outputs (n, n_outputs) -> ``amplitudes`` (n, M) Å, ``rotations`` (n, 3, 3),
-    ``shifts`` (n, 2) Å, for the parts predicted."""
+    ``shifts`` (n, 2) Å, for the parts predicted. The grid head adds ``candidates``
+    (n, top_k, 3, 3), their ``probabilities`` (n, top_k) and ``confidence`` (n,)
+    (`so3.OrientationGrid.decode`)."""
     y = outputs.detach().double().cpu().numpy()
     out: dict[str, NDArray[np.float64]] = {}
     for part, sl in spec.slices.items():
         v = y[:, sl]
         if part == "amplitudes":
             out["amplitudes"] = v * np.asarray(spec.amplitude_std) + np.asarray(spec.amplitude_mean)
+        elif part == "orientation" and spec.grid is not None:
+            dec = spec.grid.decode(outputs[:, sl].detach().float().cpu(), k=top_k)
+            out["rotations"] = dec["rotations"].double().numpy()
+            out["candidates"] = dec["candidates"].double().numpy()
+            out["probabilities"] = dec["probabilities"].double().numpy()
+            out["confidence"] = dec["confidence"].double().numpy()
         elif part == "orientation":
             q = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
             out["rotations"] = quaternion_to_matrix(canonical_quaternion(q))
@@ -149,9 +208,15 @@ def target_loss(
     """Weighted sum of per-part L1 losses, and the parts (detached)."""
     total = outputs.new_zeros(())
     parts: dict[str, torch.Tensor] = {}
+    grid = spec.grid
+    label_slices = spec.label_slices
     for part, sl in spec.slices.items():
-        p, t = outputs[:, sl].float(), labels[:, sl].float()
-        if part == "orientation":
+        p, t = outputs[:, sl].float(), labels[:, label_slices[part]].float()
+        if part == "orientation" and grid is not None:
+            if grid.quaternions.device != p.device:
+                grid = grid.to(p.device)
+            loss = grid.loss(p, t)
+        elif part == "orientation":
             p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-6)
             loss = torch.minimum((p - t).abs().sum(1), (p + t).abs().sum(1)).mean() / 4
         else:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from ..alignment.hemnma import ReferenceModel
 from ..device import loader_workers
 from ..errors import InputError
 from ..fileutils import atomic_path
@@ -62,6 +63,14 @@ class TrainConfig:
     soft_mask: bool = False  # circular mask, 0 from half the box on (needed by augment)
     loss_weights: tuple[tuple[str, float], ...] = ()
     max_train_batches: int = 0  # 0: all (for quick checks)
+    backbone: str = "resnet34"  # any timm model name (the paper's ResNet34 by default)
+    orientation_head: str = "quaternion"  # or "grid": SO(3) grid scores (so3.py)
+    grid_step_degrees: float = 15.0
+    # the first synthetic_epochs epochs learn from fresh forward-model images (synthetic.py),
+    # synthetic_batches batches each; the rest fine-tune on the labelled particles
+    synthetic_epochs: int = 0
+    synthetic_batches: int = 100
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -74,6 +83,19 @@ class TrainConfig:
             raise InputError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.lowpass_angstrom is not None and self.lowpass_angstrom <= 0:
             raise InputError(f"--lowpass must be > 0 Å, got {self.lowpass_angstrom}")
+        if self.orientation_head not in ("quaternion", "grid"):
+            raise InputError(
+                f"--orientation-head must be quaternion or grid, got {self.orientation_head!r}"
+            )
+        if not 1 <= self.grid_step_degrees <= 90:
+            raise InputError(f"--grid-step must be within 1-90°, got {self.grid_step_degrees}")
+        if self.synthetic_epochs < 0 or self.synthetic_batches < 1:
+            raise InputError("--synthetic-epochs must be >= 0 and --synthetic-batches >= 1")
+        if self.synthetic_epochs > self.epochs:
+            raise InputError(
+                f"--synthetic-epochs ({self.synthetic_epochs}) is more than --epochs "
+                f"({self.epochs}): the synthetic epochs are counted in --epochs"
+            )
         if self.augment and not self.soft_mask:
             raise InputError(
                 "--augment rotates the images: train with the soft circular mask (--mask; the "
@@ -163,7 +185,11 @@ def load_checkpoint(path: str | Path) -> tuple[DeepHEMNMANet, dict[str, Any]]:
         ]
         if missing:
             raise KeyError(", ".join(missing))
-        model = DeepHEMNMANet(spec.n_outputs, dropout=float(meta["train"].get("dropout", 0.5)))
+        model = DeepHEMNMANet(
+            spec.n_outputs,
+            backbone=str(meta["train"].get("backbone", "resnet34")),
+            dropout=float(meta["train"].get("dropout", 0.5)),
+        )
         model.load_state_dict(payload["model"])
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
         raise InputError(
@@ -216,8 +242,14 @@ def train(
     device: torch.device,
     extra_meta: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    reference: ReferenceModel | None = None,
 ) -> dict[str, Any]:
     """Train on every particle of ``source``; returns a summary.
+
+    With ``config.synthetic_epochs`` the first epochs learn from images rendered on the fly
+    from ``reference`` (the modes' reference model, required then; `synthetic.py`), with the
+    particles' SNR measured on the labelled training particles; validation is always on the
+    labelled particles.
 
     Parameters
     ----------
@@ -239,7 +271,11 @@ def train(
     if len(splits["train"]) < 2 or len(splits["val"]) < 1:
         raise InputError(f"{n} particles are too few to train (need 2 to train, 1 to validate)")
     spec = TargetSpec.create(
-        config.target, n_modes=len(mode_numbers), weights=dict(config.loss_weights)
+        config.target,
+        n_modes=len(mode_numbers),
+        weights=dict(config.loss_weights),
+        orientation_head=config.orientation_head,
+        grid_step_degrees=config.grid_step_degrees,
     )
     amplitudes, shifts = labels_raw.get("amplitudes"), labels_raw.get("shifts")
     tr = splits["train"]
@@ -258,6 +294,19 @@ def train(
         mask_radius_fraction=0.85,
         mask_edge_px=0.15 * working / 2,
     )
+    synthetic = None
+    if config.synthetic_epochs:
+        if reference is None:
+            raise InputError("synthetic training needs the modes' reference (--modes)")
+        synthetic = _synthetic_source(
+            reference, source, ctf, labels_raw, tr, box_size_px, pixel_size_angstrom, working
+        )
+        if rank == 0:
+            log(
+                f"synthetic training images: {working} px at "
+                f"{synthetic.pixel_size_angstrom:.2f} Å, SNR {synthetic.snr:.4f} (median of the "
+                "labelled particles against their fitted projections)"
+            )
     meta = {
         "format": "deephemnma-network/1",
         "train": asdict(config),
@@ -266,12 +315,16 @@ def train(
         "box_size_px": box_size_px,
         "pixel_size_angstrom": pixel_size_angstrom,
         "preprocess": prep.to_dict(),
+        "synthetic_snr": None if synthetic is None else synthetic.snr,
         **(extra_meta or {}),
     }
     meta = json.loads(json.dumps(meta, default=str))
     meta_text = json.dumps(meta, sort_keys=True)
     torch.manual_seed(config.seed)
-    model = DeepHEMNMANet(spec.n_outputs, dropout=config.dropout).to(device)
+    model = DeepHEMNMANet(spec.n_outputs, backbone=config.backbone, dropout=config.dropout)
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, config.lr_step_epochs, gamma=config.lr_gamma)
     history: list[dict[str, float]] = []
@@ -332,6 +385,37 @@ def train(
         )
         return x, y.float()
 
+    def synthetic_batches(epoch: int) -> Any:
+        """Fresh synthetic batches of one epoch (the next one rendered while this one trains),
+        as (preprocessed images, labels)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        assert synthetic is not None
+        per_rank = config.batch_size
+
+        def make(b: int) -> tuple[torch.Tensor, ...]:
+            g = torch.Generator().manual_seed(
+                (config.seed * 1_000_003 + epoch) * 100_003 + b * world + rank
+            )
+            return synthetic.batch(per_rank, g)
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(make, 0)
+            for b in range(config.synthetic_batches):
+                images, amps, rots, shifts, c = pending.result()
+                if b + 1 < config.synthetic_batches:
+                    pending = pool.submit(make, b + 1)
+                y = encode(
+                    spec, amps.double().numpy(), rots.double().numpy(), shifts.double().numpy()
+                )
+                x = preprocess_images(
+                    images.to(device),
+                    pixel_size_angstrom=synthetic.pixel_size_angstrom,
+                    config=prep,
+                    ctf=ctf_from_rows(c, device),
+                )
+                yield x, torch.as_tensor(y, device=device).float()
+
     from tqdm import tqdm
 
     t_start = time.perf_counter()
@@ -340,11 +424,13 @@ def train(
         net.train()
         t0 = time.perf_counter()
         total, count = 0.0, 0
-        batches = loader(splits["train"], True, epoch)
+        simulated = synthetic is not None and epoch < config.synthetic_epochs
+        batches = synthetic_batches(epoch) if simulated else loader(splits["train"], True, epoch)
         bar = tqdm(
             batches,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
+            desc=f"epoch {epoch + 1}/{config.epochs}" + (" (synthetic)" if simulated else ""),
             unit="batch",
+            total=config.synthetic_batches if simulated else None,
             file=sys.stderr,
             disable=None if rank == 0 else True,
             leave=False,
@@ -352,10 +438,14 @@ def train(
         for b, batch in enumerate(bar):
             if config.max_train_batches and b >= config.max_train_batches:
                 break
-            x, y = prepare(batch)
-            if config.augment:
+            x, y = batch if simulated else prepare(batch)
+            if config.channels_last:
+                x = x[:, None].contiguous(memory_format=torch.channels_last)[:, 0]
+            if config.augment and not simulated:
                 angles = torch.rand(len(x), generator=augment_rng) * (2 * math.pi)
-                x, y = rotate_inplane(x, y, angles, spec.slices, spec.shift_mean, spec.shift_std)
+                x, y = rotate_inplane(
+                    x, y, angles, spec.label_slices, spec.shift_mean, spec.shift_std
+                )
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 pred = net(x[:, None])
             loss, _ = target_loss(spec, pred.float(), y)
@@ -377,6 +467,7 @@ def train(
             **{f"val_{k}": v for k, v in parts.items()},
             "lr": opt.param_groups[0]["lr"],
             "seconds": time.perf_counter() - t0,
+            "synthetic": float(simulated),
         }
         history.append(record)
         improved = val < best_val
@@ -460,3 +551,53 @@ def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
         raise InputError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     base = replace(TrainConfig(), **PRESETS[preset])
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _synthetic_source(
+    reference: ReferenceModel,
+    source: ImageSource,
+    ctf: NDArray[np.float64],
+    labels_raw: dict[str, NDArray[np.float64] | None],
+    train_rows: NDArray[np.int64],
+    box_size_px: int,
+    pixel_size_angstrom: float,
+    working: int,
+    max_snr_particles: int = 256,
+) -> Any:
+    """`synthetic.SyntheticBatches` matched to the labelled training particles: their
+    amplitudes and shifts, every particle's CTF, their SNR at the working size."""
+    from .synthetic import SyntheticBatches, estimate_snr
+
+    amplitudes, rotations, shifts = (
+        labels_raw.get("amplitudes"),
+        labels_raw.get("rotations"),
+        labels_raw.get("shifts"),
+    )
+    if amplitudes is None or rotations is None or shifts is None:
+        raise InputError(
+            "synthetic training measures the noise against the fitted projections: the labelled "
+            "particles need amplitudes, poses and origins (train on `deephemnma align` output)"
+        )
+    picked = np.sort(
+        np.random.default_rng(0).permutation(train_rows)[: min(max_snr_particles, len(train_rows))]
+    )
+    dev = reference.coordinates.device
+    snr, _ = estimate_snr(
+        torch.as_tensor(source.read(picked), dtype=torch.float32, device=dev),
+        torch.as_tensor(ctf[picked], dtype=torch.float32, device=dev),
+        reference,
+        torch.as_tensor(amplitudes[picked], dtype=torch.float32, device=dev),
+        torch.as_tensor(rotations[picked], dtype=torch.float32, device=dev),
+        torch.as_tensor(shifts[picked], dtype=torch.float32, device=dev),
+        pixel_size_angstrom=pixel_size_angstrom,
+        size_px=working,
+    )
+    return SyntheticBatches(
+        reference=reference,
+        ctf_rows=np.asarray(ctf, dtype=np.float64),
+        snr=snr,
+        size_px=working,
+        pixel_size_angstrom=box_size_px * pixel_size_angstrom / working,
+        amplitude_rows=np.asarray(amplitudes[train_rows], dtype=np.float64),
+        shift_rows=np.asarray(shifts[train_rows], dtype=np.float64),
+    )
