@@ -17,7 +17,9 @@ def _core_files() -> list[Path]:
     files = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE)
-        if rel.parts[0] in ("cli", "adapters"):
+        # api/ reads and writes host files for its callers, as cli/ does: both sit on top of
+        # the adapters (a front end), so they are not part of the core checked here
+        if rel.parts[0] in ("cli", "adapters", "api"):
             continue
         files.append(path)
     return files

@@ -280,3 +280,24 @@ def test_analyze_subsets_hold_trusted_poses_only(aligned: Path, tmp_path: Path) 
     argv = ["analyze", str(star), "--groups", "kmeans", "--n-groups", "2", "--subset-poses", "all"]
     assert main([*argv, "--out", str(every)]) == 0
     assert sum(len(read_particles(p)) for p in (every / "groups").glob("group_*.star")) == n
+
+
+def test_grid_scores_come_straight_from_the_backbone() -> None:
+    from deephemnma_bridge.training.model import DeepHEMNMANet
+
+    spec = TargetSpec.create("all", n_modes=3, orientation_head="grid", grid_step_degrees=30.0)
+    assert spec.grid is not None and spec.grid_outputs == (3, 3 + spec.grid.size)
+    net = DeepHEMNMANet(spec.n_outputs, backbone="resnet18", grid_slice=spec.grid_outputs)
+    net.eval()
+    x = torch.randn(2, 1, 32, 32)
+    out = net(x)
+    assert out.shape == (2, spec.n_outputs)
+    with torch.no_grad():
+        feats = net.backbone(x)
+        assert net.grid_head is not None
+        torch.testing.assert_close(out[:, 3 : 3 + spec.grid.size], net.grid_head(feats))
+        mlp = net.head(feats)
+        torch.testing.assert_close(out[:, :3], mlp[:, :3])
+        torch.testing.assert_close(out[:, -2:], mlp[:, 3:])
+    with pytest.raises(ValueError, match="outside"):
+        DeepHEMNMANet(5, grid_slice=(3, 9))

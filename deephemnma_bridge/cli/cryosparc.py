@@ -62,7 +62,7 @@ def run_online(args: argparse.Namespace, cs: Any) -> str:
     """Download, run, publish; return the new job's uid."""
     from ..adapters.cryosparc_online import download_particles, publish_results
     from ..fileutils import claim_output_dir
-    from .run import options_from, run_pipeline
+    from .run import options_from, pipeline_from_options
     from .train import amplitude_columns
 
     work = args.work.resolve()
@@ -81,8 +81,8 @@ def run_online(args: argparse.Namespace, cs: Any) -> str:
         if project_dir.is_dir():
             os.chdir(project_dir)
             stack.callback(os.chdir, previous)
-        outputs = run_pipeline(opts, work / "pipeline", log=lambda s: print(s, flush=True))
-    analysis = outputs["analysis"]
+        outputs = pipeline_from_options(opts, work / "pipeline", log=lambda s: print(s, flush=True))
+    analysis = outputs.analysis
     from ..adapters import read_particles
 
     modes = amplitude_columns(read_particles(analysis / "particles.cs").extra)

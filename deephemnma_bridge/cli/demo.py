@@ -46,9 +46,9 @@ def main(args: argparse.Namespace) -> int:
     """Simulate, run the pipeline, report; return 0."""
     import warnings
 
+    from ..api import simulate
     from ..fileutils import claim_output_dir
-    from . import main as cli_main
-    from .run import DEFAULTS, run_pipeline
+    from .run import DEFAULTS, pipeline_from_options
 
     out: Path = claim_output_dir(args.out, command="demo", overwrite=args.overwrite)
     sim = out / "simulated"
@@ -56,21 +56,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"[simulate] {args.n} particles -> {sim}", flush=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="parts of the molecule")  # known, mild
-            code = cli_main(
-                [
-                    "simulate",
-                    "--n",
-                    str(args.n),
-                    "--seed",
-                    str(args.seed),
-                    "--out",
-                    str(sim),
-                    "--device",
-                    args.device,
-                ]
-            )
-        if code != 0:
-            return code
+            simulate(n_particles=args.n, seed=args.seed, out=sim, device=args.device)
     opts = dict(DEFAULTS)
     opts.update(
         particles=str(sim / "particles.star"),
@@ -82,11 +68,11 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         min_count=max(50, args.n // 6),
     )
-    outputs = run_pipeline(opts, out / "pipeline", log=lambda s: print(s, flush=True))
+    outputs = pipeline_from_options(opts, out / "pipeline", log=lambda s: print(s, flush=True))
     from ..adapters import read_particles
     from ..evaluation import ground_truth_errors
 
-    predicted = read_particles(outputs["predicted"] / "particles.star")
+    predicted = read_particles(outputs.predicted / "particles.star")
     scores = ground_truth_errors(predicted, by_source=True)
     (out / "accuracy.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(
@@ -99,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
             f"  {name:>8} ({int(row['n'])} particles): {row['angle_median']:.2f}° "
             f"(p90 {row['angle_p90']:.2f}°), {row['shift_px']:.2f} px, r {rs}"
         )
-    analysis = outputs["analysis"]
+    analysis = outputs.analysis
     print(
         f"\noutputs: {analysis / 'particles.star'} (every particle: poses, amplitudes, PCs, "
         f"groups), {analysis / 'groups'} (subsets for relion_reconstruct / cryoSPARC), "

@@ -274,7 +274,7 @@ def _run(
     import torch
 
     from ..adapters.relion_job import detect_relion_version, write_output_nodes
-    from .run import DEFAULTS, run_pipeline
+    from .run import DEFAULTS, pipeline_from_options
 
     opts = dict(DEFAULTS)
     for key in DEFAULTS:
@@ -303,10 +303,10 @@ def _run(
     version = args.get("relion_version") or detect_relion_version(".")
     if version not in ("3.1", "4.0", "5.0"):
         raise InputError(f"relion_version must be 3.1, 4.0 or 5.0, got {version!r}")
-    outputs = run_pipeline(opts, _relative(job_dir), log=lambda s: print(s, flush=True))
+    outputs = pipeline_from_options(opts, _relative(job_dir), log=lambda s: print(s, flush=True))
     stop.set()  # no abort signal past this point: an abort file is still seen by the caller
     watcher.join()
-    analysis = outputs["analysis"]
+    analysis = outputs.analysis
     nodes = [(str(analysis / "particles.star"), "particles")]
     nodes += [(str(p), "particles") for p in sorted((analysis / "groups").glob("*.star"))]
     write_output_nodes(job_dir, nodes, relion_version=version)

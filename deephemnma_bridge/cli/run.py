@@ -16,16 +16,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tomllib
 
+from ..api._pipeline import PipelineResult, run_stage
 from ..errors import InputError
 
 #: Every option of the pipeline with its default (None: required or computed).
@@ -211,214 +209,80 @@ def _stage(
     done: Path,
     inputs: list[Path],
 ) -> None:
-    """Run ``deephemnma argv`` into the folder of ``done`` unless it already finished with the
-    same argv and unchanged ``inputs`` (their modification times are recorded).
-
-    A stage whose options or inputs changed starts afresh: a finished one's folder is removed,
-    an interrupted one is restarted (``--restart`` for align/predict, whose partial results
-    would otherwise land on the wrong particles). An interrupted stage with the same options and
-    inputs resumes.
-    """
+    """`run_stage` of the command ``deephemnma argv`` (``--restart`` added for align/predict
+    when their settings or inputs changed since an interrupted run)."""
     from . import main as cli_main
 
-    record = out / "stages" / f"{name}.json"
-    state = {
-        "argv": argv,
-        "inputs": {str(p): p.stat().st_mtime_ns for p in inputs if p.exists()},
-    }
+    def call(restart: bool) -> None:
+        extra = ["--restart"] if restart and argv[0] in ("align", "predict") else []
+        code = cli_main(argv + extra)
+        if code == 130:
+            raise KeyboardInterrupt
+        if code != 0:
+            raise InputError(f"stage {name} failed (exit code {code}); see the message above")
+
+    run_stage(out, name, {"argv": argv}, call, log, done, inputs)
+
+
+def _numbers(key: str, text: str) -> list[int]:
     try:
-        old = json.loads(record.read_text()) if record.is_file() else None
+        return [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        old = None
-    if not isinstance(old, dict):  # absent, unreadable, or an older list-of-argv record
-        old = None if old is None else {"argv": old, "inputs": None, "finished": done.exists()}
-    same = old is not None and old["argv"] == argv and old["inputs"] == state["inputs"]
-    if same and old is not None and old.get("finished") and done.exists():
-        log(f"[{name}] up to date, skipped")
-        return
-    restart = []
-    if old is not None and not same:
-        if done.parent.is_dir() and done.parent != out:
-            shutil.rmtree(done.parent)  # this run's own stage folder, with outdated results
-        if argv[0] in ("align", "predict"):
-            restart = ["--restart"]
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({**state, "finished": False}))
-    log(f"[{name}] deephemnma {' '.join(argv)}")
-    code = cli_main(argv + restart)
-    if code == 130:
-        raise KeyboardInterrupt
-    if code != 0:
-        raise InputError(f"stage {name} failed (exit code {code}); see the message above")
-    record.write_text(json.dumps({**state, "finished": True}))
+        raise InputError(
+            f"--{key.replace('_', '-')} {text!r}: expected numbers like 7,8,9"
+        ) from None
 
 
-def run_pipeline(
-    opts: dict[str, Any], out: Path, log: Callable[[str], None] = print
-) -> dict[str, Path]:
-    """Run every stage into ``out``; returns the main outputs."""
-    from ..adapters import read_particles, write_particles
-    from ..adapters.images import portable_image_paths
+def pipeline_from_options(
+    opts: dict[str, Any],
+    out: Path,
+    log: Callable[[str], None] = print,
+    *,
+    claim: bool = False,
+    overwrite: bool = False,
+) -> PipelineResult:
+    """`deephemnma_bridge.api.run_pipeline` with the options of ``deephemnma run`` (`DEFAULTS`,
+    a --config file, the command line: `options_from`)."""
+    from ..api import run_pipeline
 
-    if not opts.get("particles"):
-        raise InputError("no particles: give --particles (a RELION .star or cryoSPARC .cs)")
-    if not opts.get("model") and not opts.get("modes"):
-        raise InputError("no reference: give --model (PDB/mmCIF/map) or --modes (a .npz)")
-    particles = Path(opts["particles"])
-    table = read_particles(particles)
-    n = len(table)
-    out.mkdir(parents=True, exist_ok=True)
-    common = ["--device", str(opts["device"])]
-    # 1. modes
-    if opts.get("modes"):
-        modes = Path(opts["modes"])
-    else:
-        modes = out / "modes" / "modes.npz"
-        _stage(
-            out,
-            "modes",
-            ["modes", str(opts["model"]), "--out", str(modes), "--n-modes", str(opts["n_modes"])],
-            log,
-            modes,
-            [Path(opts["model"])],
-        )
-    # 2. training subset
-    n_train = opts["n_train"] or int(np.clip(n // 3, min(200, n), 20_000))
-    if n_train < 10 or n_train > n:
-        raise InputError(f"--n-train must be between 10 and the {n} particles, got {n_train}")
-    subset = out / "subset" / ("train.cs" if particles.suffix.lower() == ".cs" else "train.star")
-    rng = np.random.default_rng(int(opts["seed"]))
-    chosen = np.sort(rng.choice(n, size=n_train, replace=False))
-    subset_record = out / "stages" / "subset.json"
-    subset_key = {"particles": str(particles), "n_train": n_train, "seed": int(opts["seed"])}
-    if not (
-        subset.exists()
-        and subset_record.is_file()
-        and json.loads(subset_record.read_text()) == subset_key
-    ):
-        subset.parent.mkdir(parents=True, exist_ok=True)
-        write_particles(portable_image_paths(table.take(chosen)), subset)
-        subset_record.parent.mkdir(parents=True, exist_ok=True)
-        subset_record.write_text(json.dumps(subset_key))
-    # 3. HEMNMA on it, with outliers flagged
-    hemnma = out / "hemnma"
-    align = [
-        "align",
-        str(subset),
-        "--modes",
-        str(modes),
-        "--use-modes",
-        str(opts["use_modes"]),
-        "--out",
-        str(hemnma),
-        "--working-size",
-        str(opts["align_working_size"]),
-        "--iterations",
-        str(opts["align_iterations"]),
-        "--search-step",
-        str(opts["search_step"]),
-        "--deformation",
-        str(opts["deformation"]),
-        "--population-search",
-        str(opts["population_search"]),
-        *common,
-    ]
-    if opts["outliers"]:
-        align += ["--outliers", str(opts["outliers"])]
-    _stage(out, "hemnma", align, log, hemnma / "particles.star", [subset, modes])
-    training_set = hemnma / ("inliers.star" if opts["outliers"] else "particles.star")
-    # 4. the network
-    network = out / "network"
-    train = [
-        "train",
-        str(training_set),
-        "--out",
-        str(network),
-        "--preset",
-        str(opts["preset"]),
-        "--seed",
-        str(opts["seed"]),
-        "--workers",
-        str(opts["workers"]),
-        *common,
-    ]
-    if opts["size"]:
-        train += ["--size", str(opts["size"])]
-    if opts["augment"]:
-        train += ["--augment"]
-    if opts["epochs"]:
-        train += ["--epochs", str(opts["epochs"])]
-    if opts["batch_size"]:
-        train += ["--batch-size", str(opts["batch_size"])]
-    _stage(out, "network", train, log, network / "best.pt", [training_set])
-    # 5. prediction on every particle (HEMNMA values kept for the training subset)
-    predicted = out / "predicted"
-    predict = [
-        "predict",
-        str(particles),
-        "--checkpoint",
-        str(network),
-        "--out",
-        str(predicted),
-        "--hemnma",
-        str(training_set),
-        "--modes",
-        str(modes),
-        "--refine",
-        str(opts["refine"]),
-        "--workers",
-        str(opts["workers"]),
-        "--relion-version",
-        str(opts["relion_version"]),
-        *common,
-    ]
-    _stage(
-        out,
-        "predicted",
-        predict,
-        log,
-        predicted / "particles.star",
-        [particles, network / "best.pt", training_set, modes],
+    use_modes = str(opts["use_modes"])
+    return run_pipeline(
+        opts.get("particles") or "",
+        out=out,
+        model=opts.get("model") or None,
+        modes=opts.get("modes") or None,
+        use_modes="auto"
+        if use_modes.strip().lower() == "auto"
+        else _numbers("use_modes", use_modes),
+        n_modes=int(opts["n_modes"]),
+        n_train=opts["n_train"],
+        seed=int(opts["seed"]),
+        outliers=opts["outliers"],
+        align_working_size_px=int(opts["align_working_size"]),
+        align_iterations=_numbers("align_iterations", opts["align_iterations"]),
+        search_step_degrees=float(opts["search_step"]),
+        deformation=str(opts["deformation"]),
+        population_search=int(opts["population_search"]),
+        preset=str(opts["preset"]),
+        epochs=opts["epochs"],
+        size_px=opts["size"],
+        augment=bool(opts["augment"]),
+        batch_size=opts["batch_size"],
+        groups=str(opts["groups"]),
+        min_count=opts["min_count"],
+        n_groups=int(opts["n_groups"]),
+        refine_steps=int(opts["refine"]),
+        device=str(opts["device"]),
+        workers=int(opts["workers"]),
+        relion_version=str(opts["relion_version"]),
+        overwrite=overwrite,
+        claim=claim,
+        log=log,
     )
-    # 6. the conformational space
-    analysis = out / "analysis"
-    analyze = [
-        "analyze",
-        str(predicted / "particles.star"),
-        "--out",
-        str(analysis),
-        "--modes",
-        str(modes),
-        "--groups",
-        str(opts["groups"]),
-        "--n-groups",
-        str(opts["n_groups"]),
-        "--training",
-        str(network),
-        "--relion-version",
-        str(opts["relion_version"]),
-    ]
-    if opts["min_count"]:
-        analyze += ["--min-count", str(opts["min_count"])]
-    _stage(
-        out,
-        "analysis",
-        analyze,
-        log,
-        analysis / "particles.star",
-        [predicted / "particles.star", modes],
-    )
-    return {
-        "modes": modes,
-        "hemnma": hemnma,
-        "network": network,
-        "predicted": predicted,
-        "analysis": analysis,
-    }
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the pipeline; return 0."""
+    """Run the pipeline (`deephemnma_bridge.api.run_pipeline`); return 0."""
     from ..fileutils import claim_output_dir
 
     opts = options_from(args)
@@ -426,10 +290,10 @@ def main(args: argparse.Namespace) -> int:
     if args.config is not None:
         inputs.append(args.config)
     claim_output_dir(args.out, command="run", inputs=inputs, overwrite=args.overwrite)
-    outputs = run_pipeline(opts, args.out, log=lambda s: print(s, flush=True))
+    outputs = pipeline_from_options(opts, args.out, log=lambda s: print(s, flush=True))
     print(
         f"done: particles with poses, amplitudes, PCs and groups in "
-        f"{outputs['analysis'] / 'particles.star'}; report {outputs['analysis'] / 'report.md'}",
+        f"{outputs.analysis / 'particles.star'}; report {outputs.analysis / 'report.md'}",
         file=sys.stdout,
     )
     return 0

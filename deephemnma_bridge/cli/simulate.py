@@ -40,34 +40,11 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
+from ..api._simulate import check_room_for_output
 
-from ..device import resolve_device
-from ..errors import InputError
-from ..fileutils import atomic_dir, check_output_dir
-from ..progress import progress
-from ..simulate import (
-    Conformation,
-    SimulationConfig,
-    SimulationModel,
-    SimulationStats,
-    check_simulation,
-    draw_truth,
-    place_conformation,
-    project_displacement,
-    simulate_images,
-    simulation_table,
-)
-
-__all__ = ["add_args", "main"]
+__all__ = ["add_args", "check_room_for_output", "main"]
 
 
 def _mode_list(text: str) -> list[int]:
@@ -153,191 +130,22 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--device", default="auto", help="auto (GPU when present), cpu or cuda")
 
 
-def _load_modes(args: argparse.Namespace) -> tuple[Any, NDArray[Any] | None, NDArray[Any] | None]:
-    """NormalModes, heavy-atom coordinates and atom -> node map (None when not available)."""
-    from ..nma import NormalModes, compute_normal_modes
-    from ..nma.modes import DEFAULT_CUTOFF_ANGSTROM
-
-    if args.modes is not None:
-        if not args.modes.exists():
-            raise InputError(f"--modes {args.modes}: no such file")
-        modes = NormalModes.load(args.modes)
-        atoms = getattr(modes, "atom_coordinates", None)
-        owner = getattr(modes, "atom_node", None)
-        return modes, atoms, owner
-    from ..adapters.structure import read_structure
-    from ..coarse_grain import coarse_grain
-    from ..data import default_model_path
-
-    path = args.model if args.model is not None else default_model_path()
-    if not Path(path).exists():
-        raise InputError(f"--model {path}: no such file")
-    model = read_structure(path)
-    cg = coarse_grain(model)
-    n_dof = 3 * len(cg.coordinates_angstrom)
-    if max(args.use_modes) > n_dof:
-        raise InputError(
-            f"--use-modes {max(args.use_modes)}: the model's network has only "
-            f"{n_dof} modes ({n_dof // 3} nodes)"
-        )
-    modes = compute_normal_modes(
-        cg.coordinates_angstrom,
-        n_modes=max(20, max(args.use_modes)),
-        cutoff_angstrom=DEFAULT_CUTOFF_ANGSTROM["ca"],
-        settings={"model": str(path), "nodes": "ca"},
-    )
-    heavy = np.array([str(e).upper() not in ("H", "D") for e in model.elements])
-    atoms = np.asarray(model.coordinates_angstrom)[heavy]
-    owner = np.asarray(cg.atom_node)[heavy]
-    fields = {f.name for f in dataclasses.fields(modes)}
-    extra = {
-        k: v
-        for k, v in (
-            ("atom_coordinates", atoms),
-            ("atom_node", owner),
-            ("atom_elements", np.asarray(model.elements)[heavy]),
-        )
-        if k in fields
-    }
-    return dataclasses.replace(modes, **extra), atoms, owner
-
-
-def _load_conformation(args: argparse.Namespace, modes: Any) -> Conformation:
-    """Read --conformation, match its nodes in order with the modes' nodes, place it."""
-    from ..adapters.structure import read_structure
-    from ..coarse_grain import coarse_grain
-
-    path = Path(args.conformation)
-    if not path.exists():
-        raise InputError(f"--conformation {path}: no such file")
-    chains = [c for c in (args.conformation_chains or "").split(",") if c] or None
-    other = read_structure(path, chains=chains)
-    nodes = modes.settings.get("nodes", "ca")
-    cg = coarse_grain(other, nodes=nodes if nodes in ("ca", "heavy") else "ca")
-    ref = np.asarray(modes.coordinates, dtype=np.float64)
-    if len(cg) != len(ref):
-        raise InputError(
-            f"--conformation {path}: {len(cg)} network nodes, the modes' network has {len(ref)}; "
-            "they are matched in order, so select the same chains (--conformation-chains) and "
-            "residues"
-        )
-    if args.render == "atoms":
-        points, owner = np.asarray(other.coordinates_angstrom), np.asarray(cg.atom_node)
-    else:
-        points, owner = np.asarray(cg.coordinates_angstrom), np.arange(len(cg))
-    conf = place_conformation(
-        ref,
-        cg.coordinates_angstrom,
-        points,
-        owner,
-        superpose_nodes=args.conformation_frame == "superpose",
-    )
-    return conf
-
-
-def _conformation_info(
-    args: argparse.Namespace, modes: Any, model: SimulationModel, conf: Conformation
-) -> dict[str, Any]:
-    """What simulation.json records about --conformation; printed in short.
-
-    ``fraction_carried`` is ``|U q|^2 / |d|^2`` (squared displacement), ``fraction_of_norm_carried``
-    its square root (``|U q| / |d|``)."""
-    displacement = conf.node_coordinates - np.asarray(modes.coordinates, dtype=np.float64)
-    q, per_mode, carried = project_displacement(model.modes, displacement)
-    flexible = np.asarray(modes.vectors)[np.asarray(modes.mode_numbers) > 6]
-    everything = project_displacement(flexible, displacement)[2] if len(flexible) else 0.0
-    numbers = [int(m) for m in model.mode_numbers]
-    info = {
-        "path": str(args.conformation),
-        "chains": args.conformation_chains,
-        "frame": "superposed on the modes' nodes (Kabsch)" if conf.superposed else "as given",
-        "matching": "nodes in order",
-        "n_nodes": len(conf.node_coordinates),
-        "n_rendered_points": len(conf.render_coordinates),
-        "node_rmsd_as_given_angstrom": conf.rmsd_as_given,
-        "node_rmsd_angstrom": conf.rmsd_angstrom,
-        "superposition_rotation": conf.rotation.tolist(),
-        "superposition_translation_angstrom": conf.translation.tolist(),
-        "displacement": "other - reference nodes, Å, in the modes' frame",
-        "amplitude_unit": "q displaces node i by q u_i Å (u unit-norm over 3N)",
-        "projection": {str(m): float(v) for m, v in zip(numbers, q)},
-        "fraction_per_mode": {str(m): float(v) for m, v in zip(numbers, per_mode)},
-        "fraction_carried": carried,
-        "fraction_of_norm_carried": float(np.sqrt(carried)),
-        "fraction_carried_by_all_flexible_modes_in_file": everything,
-        "rms_displacement_carried_angstrom": float(model.rms_displacement(q)),
-    }
-    print(
-        f"conformation {args.conformation}: {len(conf.node_coordinates)} nodes matched in order, "
-        f"Cα/P RMSD {conf.rmsd_angstrom:.3f} Å "
-        + ("after superposition" if conf.superposed else "as given")
-        + f"; projection on modes {', '.join(f'{m}: {v:.2f}' for m, v in zip(numbers, q))} "
-        f"carries {100 * carried:.1f} % of the squared displacement "
-        f"({100 * np.sqrt(carried):.1f} % of its norm)"
-    )
-    return info
-
-
-def _save_modes(modes: Any, path: Path, centre: NDArray[np.float64]) -> None:
-    """Save the modes with coordinates (and atom coordinates) centred on the rotation centre."""
-    changes: dict[str, Any] = {"coordinates": np.asarray(modes.coordinates) - centre}
-    atoms = getattr(modes, "atom_coordinates", None)
-    if atoms is not None:
-        changes["atom_coordinates"] = np.asarray(atoms) - centre
-    dataclasses.replace(modes, **changes).save(path)
-
-
-def check_room_for_output(out: Path, config: SimulationConfig) -> None:
-    """Refuse before any work when the stack cannot fit on the disk or the ground truth in memory.
-
-    Disk: the float32 stack plus ~1 kB of STAR/.cs per particle. Memory: the drawn truth
-    (rotation, shifts, amplitudes, CTF: ~0.5 kB per particle, generously) must fit in half of
-    the memory available now.
-    """
-    from ..errors import InputError
-
-    n = config.n_particles
-    disk = n * (4 * config.box_size_px**2 + 1024) + 1024
-    memory = n * 512
-    folder = out.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if disk > free:
-        raise InputError(
-            f"--n {n}: the stack and tables need about {disk / 1e9:.1f} GB but {folder} has "
-            f"{free / 1e9:.1f} GB free; simulate fewer particles or write elsewhere"
-        )
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on this platform
-        return
-    if memory > available // 2:
-        raise InputError(
-            f"--n {n}: the ground truth alone needs about {memory / 1e9:.1f} GB of memory and "
-            f"{available / 1e9:.1f} GB is available; simulate fewer particles per run"
-        )
-
-
 def main(args: argparse.Namespace) -> int:
-    """Run the simulation; return 0."""
-    import torch
+    """Run the simulation (`deephemnma_bridge.api.simulate`); return 0."""
+    from ..api import simulate
 
-    from ..adapters import write_particles
-    from ..adapters.images import StackWriter
-
-    sigma = args.sigma if args.sigma is not None else (1.0 if args.render == "atoms" else 2.0)
-    max_rms = args.max_rms
-    if max_rms is None:
-        max_rms = 0.0 if args.conformation is not None else 3.0
-    config = SimulationConfig(
+    simulate(
+        out=args.out,
+        model=args.model,
+        modes=args.modes,
+        use_modes=args.use_modes,
         n_particles=args.n,
-        box_size_px=args.box,
+        box_px=args.box,
         pixel_size_angstrom=args.pixel_size,
         snr=args.snr,
-        noise_before_ctf_fraction=args.noise_before_ctf,
+        noise_before_ctf=args.noise_before_ctf,
         amplitudes=args.amplitudes,
-        max_rms_displacement_angstrom=max_rms,
+        max_rms_angstrom=args.max_rms,
         helix_turns=args.helix_turns,
         n_clusters=args.clusters,
         shift_range_px=args.shift_range,
@@ -347,84 +155,14 @@ def main(args: argparse.Namespace) -> int:
         defocus_angstrom=args.defocus,
         defocus_spread_angstrom=args.defocus_spread,
         protocol=args.protocol,
-        sigma_angstrom=sigma,
+        render=args.render,
+        sigma_angstrom=args.sigma,
+        conformation=args.conformation,
+        conformation_chains=args.conformation_chains,
+        conformation_frame=args.conformation_frame,
         seed=args.seed,
-        chunk_size=max(1, args.chunk_size),
-    )
-    inputs = tuple(x for x in (args.modes, args.model, args.conformation) if x is not None)
-    check_output_dir(args.out, command="simulate", inputs=inputs, overwrite=args.overwrite)
-    check_room_for_output(args.out, config)
-    device = resolve_device(args.device)
-    modes, atoms, owner = _load_modes(args)
-    if args.render == "atoms" and (atoms is None or owner is None):
-        raise InputError(
-            f"the modes file {args.modes} has no atom coordinates to render; use "
-            "--render nodes, or omit --modes to compute modes from --model"
-        )
-    conf = _load_conformation(args, modes) if args.conformation is not None else None
-    if conf is None:
-        model = SimulationModel.from_arrays(
-            np.asarray(modes.coordinates),
-            np.asarray(modes.vectors),
-            np.asarray(modes.mode_numbers),
-            args.use_modes,
-            atom_coordinates=atoms if args.render == "atoms" else None,
-            atom_node=owner if args.render == "atoms" else None,
-        )
-    else:
-        model = SimulationModel.from_arrays(
-            np.asarray(modes.coordinates),
-            np.asarray(modes.vectors),
-            np.asarray(modes.mode_numbers),
-            args.use_modes,
-            atom_coordinates=conf.render_coordinates,
-            atom_node=conf.render_node,
-            conformation_nodes=conf.node_coordinates,
-        )
-    conformation_info = None if conf is None else _conformation_info(args, modes, model, conf)
-    truth = draw_truth(config, model)
-    check_simulation(config, model, truth)
-    stats = SimulationStats()
-    with (
-        torch.no_grad(),
-        atomic_dir(args.out, command="simulate", inputs=inputs, overwrite=args.overwrite) as tmp,
-    ):
-        with StackWriter(
-            tmp / "particles.mrcs",
-            box_size_px=config.box_size_px,
-            pixel_size_angstrom=config.pixel_size_angstrom,
-        ) as writer:
-            bar = progress(config.n_particles, desc="simulate")
-            for chunk in simulate_images(config, model, truth, device=device):
-                writer.append(chunk.images)
-                stats.add(chunk)
-                bar.update(len(chunk.images))
-            bar.close()
-        table = simulation_table(config, model, truth, "particles.mrcs")
-        write_particles(table, tmp / "particles.star")
-        write_particles(table, tmp / "particles.cs")
-        _save_modes(modes, tmp / "modes.npz", model.centre_angstrom)
-        measured = stats.summary()
-        info = {
-            "settings": dataclasses.asdict(config),
-            "use_modes": list(args.use_modes),
-            "render": args.render,
-            "amplitude_scale": truth.amplitude_scale,
-            "rotation_centre_angstrom": model.centre_angstrom.tolist(),
-            "images_phase_flipped": config.protocol == "paper",
-            "measured": measured,
-        }
-        if conformation_info is not None:
-            info["conformation"] = conformation_info
-        (tmp / "simulation.json").write_text(json.dumps(info, indent=2) + "\n")
-    where = (
-        f" (requested {config.snr:g} at {config.render_box_px} px before cropping)"
-        if config.protocol == "paper"
-        else ""
-    )
-    print(
-        f"wrote {config.n_particles} particles to {args.out}: measured SNR whole box "
-        f"{measured['snr_whole']:.3g}{where}, below 10 Å {measured['snr_10A']:.3g}, "
-        f"below 7 Å {measured['snr_7A']:.3g}"
+        chunk_size=args.chunk_size,
+        device=args.device,
+        overwrite=args.overwrite,
     )
     return 0

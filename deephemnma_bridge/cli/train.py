@@ -20,16 +20,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from ..api._common import amplitude_columns
+from ..api._train import deformation_of as _deformation_of
+from ..api._train import parse_loss_weights
 
-from ..errors import InputError
+__all__ = ["_deformation_of", "add_args", "amplitude_columns", "main"]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -103,36 +100,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--backbone", default=None, help="timm model name (resnet34, the paper's)")
 
 
-def amplitude_columns(extra: Mapping[str, Any]) -> list[int]:
-    """Mode numbers of the ``dhnAmplitude<mode>`` columns, ascending."""
-    return sorted(int(m.group(1)) for k in extra if (m := re.fullmatch(r"dhnAmplitude(\d+)", k)))
-
-
 def main(args: argparse.Namespace) -> int:
-    """Train; return 0."""
-    from ..adapters import ParticleImages, read_particles
-    from ..device import resolve_device
-    from ..fileutils import check_not_input, check_output_dir, claim_output_dir
-    from ..training.data import CTF_FIELDS
-    from ..training.trainer import config_from_preset, train
+    """Train (`deephemnma_bridge.api.train`); return 0."""
+    from ..api import train
 
-    check_not_input(args.out, args.aligned)
-    inputs = (args.aligned,) + ((args.modes,) if args.modes else ())
-    check_output_dir(args.out, command="train", inputs=inputs, overwrite=args.overwrite)
-    weights: tuple[tuple[str, float], ...] | None = None
-    if args.loss_weights:
-        try:
-            pairs = [item.split("=") for item in args.loss_weights.split(",")]
-            weights = tuple((k.strip(), float(v)) for k, v in pairs)
-        except ValueError:
-            raise InputError(f"--loss-weights {args.loss_weights!r}: use part=weight,...") from None
-        unknown = [k for k, _ in weights if k not in ("amplitudes", "orientation", "shifts")]
-        if unknown:
-            raise InputError(f"--loss-weights: unknown part(s) {unknown}")
-    table = read_particles(args.aligned)
-    config = config_from_preset(
-        args.preset,
+    train(
+        args.aligned,
+        out=args.out,
         target=args.target,
+        preset=args.preset,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -140,117 +116,21 @@ def main(args: argparse.Namespace) -> int:
         lowpass_angstrom=args.lowpass,
         dropout=args.dropout,
         lr_step_epochs=args.lr_step,
-        soft_mask=args.mask,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
-        early_stopping=args.early_stopping,
-        augment=args.augment or None,
+        early_stopping_epochs=args.early_stopping,
+        loss_weights=parse_loss_weights(args.loss_weights),
+        augment=args.augment,
+        mask=args.mask,
         workers=args.workers,
         seed=args.seed,
-        loss_weights=weights,
         orientation_head=args.orientation_head,
         grid_step_degrees=args.grid_step,
         synthetic_epochs=args.synthetic_epochs,
         synthetic_batches=args.synthetic_batches,
+        modes=args.modes,
         backbone=args.backbone,
-    )
-    if config.synthetic_epochs and args.modes is None:
-        raise InputError("--synthetic-epochs renders images from the modes: give --modes")
-    if config.backbone != "resnet34":
-        import timm
-
-        if not timm.is_model(config.backbone):
-            raise InputError(
-                f"--backbone {config.backbone!r}: not a timm model (e.g. resnet34, resnet18, "
-                "efficientnet_b0; python -c 'import timm; print(timm.list_models())')"
-            )
-    modes = amplitude_columns(table.extra)
-    if config.target in ("all", "amplitudes") and not modes:
-        raise InputError(
-            f"{args.aligned}: no _dhnAmplitude<mode> columns; train on the output of "
-            "`deephemnma align`, or use --target orientation/shifts"
-        )
-    if config.target in ("all", "orientation", "shifts") and table.rotation_matrices is None:
-        raise InputError(f"{args.aligned}: no poses (rlnAngleRot/Tilt/Psi) to learn from")
-    keep = np.ones(len(table), dtype=bool)
-    if "dhnOutlier" in table.extra:
-        keep &= np.asarray(table.extra["dhnOutlier"]).astype(float) == 0
-    if "dhnConverged" in table.extra:
-        keep &= np.asarray(table.extra["dhnConverged"]).astype(float) == 1
-    if not keep.all():
-        print(f"leaving out {int((~keep).sum())} outlier or failed particle(s)")
-        table = table.mask(keep)
-    boxes, pixels = np.unique(table.box_size_px), np.unique(table.pixel_size_angstrom)
-    if len(boxes) != 1 or len(pixels) != 1:
-        raise InputError(f"{args.aligned}: one box and pixel size are needed, found several")
-    amplitudes = (
-        np.stack([np.asarray(table.extra[f"dhnAmplitude{m}"], dtype=float) for m in modes], 1)
-        if modes
-        else None
-    )
-    ctf = np.stack([np.asarray(getattr(table, f), dtype=float) for f in CTF_FIELDS], axis=1)
-    ids = sorted({str(v) for v in table.extra.get("dhnModes", [])})
-    if len(ids) > 1:
-        raise InputError(
-            f"{args.aligned}: particles aligned with different modes files ({', '.join(ids)}); "
-            "train on particles aligned with one modes file"
-        )
-    modes_id = ids[0] if ids else None
-    reference = None
-    if config.synthetic_epochs:
-        from ..nma import NormalModes, check_modes_match
-        from .align import build_reference
-
-        if modes_id:
-            check_modes_match(NormalModes.load(args.modes), modes_id, args.modes, str(args.aligned))
-        reference, _, _ = build_reference(
-            args.modes,
-            modes,
-            final_template="same",
-            deformation=_deformation_of(args.aligned),
-            box_angstrom=float(boxes[0] * pixels[0]),
-            device=resolve_device(args.device),
-        )
-    claim_output_dir(args.out, command="train", inputs=inputs, overwrite=args.overwrite)
-    summary = train(
-        ParticleImages(table),
-        ctf,
-        {
-            "amplitudes": amplitudes,
-            "rotations": table.rotation_matrices,
-            "shifts": table.shifts_angstrom,
-        },
-        mode_numbers=modes,
-        box_size_px=int(boxes[0]),
-        pixel_size_angstrom=float(pixels[0]),
-        config=config,
-        out=args.out,
-        device=resolve_device(args.device),
-        reference=reference,
-        extra_meta={
-            "source": str(args.aligned),
-            "modes_fingerprint": modes_id,
-            "deformation": _deformation_of(args.aligned),
-        },
-    )
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    (args.out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"trained {summary['epochs_run']} epoch(s) on {summary['splits']['train']} particles "
-        f"in {summary['seconds']:.0f} s: best validation loss {summary['best_val']:.4f} -> "
-        f"{args.out / 'best.pt'}"
+        overwrite=args.overwrite,
+        device=args.device,
     )
     return 0
-
-
-def _deformation_of(aligned: Path) -> str:
-    """The deformation model (linear, nonlinear) of the alignment that wrote ``aligned``, from
-    the alignment.json beside it (linear when there is none: the amplitudes' plain meaning)."""
-    record = Path(aligned).parent / "alignment.json"
-    try:
-        settings = json.loads(record.read_text()).get("settings", {})
-    except (OSError, ValueError, AttributeError):
-        return "linear"
-    value = settings.get("deformation", "linear") if isinstance(settings, dict) else "linear"
-    return value if value in ("linear", "nonlinear") else "linear"

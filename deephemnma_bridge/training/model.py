@@ -24,7 +24,13 @@ __all__ = ["DeepHEMNMANet"]
 
 
 class DeepHEMNMANet(nn.Module):
-    """ResNet34 features + MLP head with ``n_outputs`` outputs."""
+    """ResNet34 features + MLP head with ``n_outputs`` outputs.
+
+    ``grid_slice`` (start, stop): those outputs are the scores of an SO(3) grid (thousands of
+    them), read by one linear layer straight from the backbone's features instead of through the
+    MLP's 128-unit bottleneck (measured: cross-entropy 6.3 vs 8.2 after 50 batches, resnet18,
+    SNR 10); the MLP gives the other outputs.
+    """
 
     def __init__(
         self,
@@ -33,18 +39,30 @@ class DeepHEMNMANet(nn.Module):
         backbone: str = "resnet34",
         hidden: Sequence[int] = (1000, 512, 128),
         dropout: float = 0.5,
+        grid_slice: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0)
+        features = int(self.backbone.num_features)  # type: ignore[arg-type]
+        self.grid_slice = grid_slice
+        n_grid = 0 if grid_slice is None else grid_slice[1] - grid_slice[0]
+        if grid_slice is not None and not 0 <= grid_slice[0] < grid_slice[1] <= n_outputs:
+            raise ValueError(f"grid outputs {grid_slice} outside the {n_outputs} outputs")
         layers: list[nn.Module] = []
-        width = int(self.backbone.num_features)  # type: ignore[arg-type]
+        width = features
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = h
-        layers.append(nn.Linear(width, n_outputs))
+        layers.append(nn.Linear(width, n_outputs - n_grid))
         self.head = nn.Sequential(*layers)
+        self.grid_head = nn.Linear(features, n_grid) if n_grid else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, H, W) -> raw outputs (B, n_outputs)."""
-        out: torch.Tensor = self.head(self.backbone(images))
+        features = self.backbone(images)
+        out: torch.Tensor = self.head(features)
+        if self.grid_head is not None and self.grid_slice is not None:
+            start = self.grid_slice[0]
+            grid = self.grid_head(features)
+            out = torch.cat([out[:, :start], grid, out[:, start:]], dim=1)
         return out

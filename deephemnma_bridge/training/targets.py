@@ -105,6 +105,14 @@ class TargetSpec:
         return _slices(self.sizes)
 
     @property
+    def grid_outputs(self) -> tuple[int, int] | None:
+        """(start, stop) of the grid head's scores in the outputs (None: no grid head)."""
+        if self.grid is None:
+            return None
+        sl = self.slices["orientation"]
+        return (int(sl.start), int(sl.stop))
+
+    @property
     def label_slices(self) -> dict[str, slice]:
         """Slices of the label vectors (`encode`): the orientation is always a quaternion."""
         size = {"amplitudes": self.n_modes, "orientation": 4, "shifts": 2}

@@ -148,7 +148,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _resume_key(meta: dict[str, Any]) -> str:
     """What must match to resume: everything but the epoch budget and the loader workers."""
     train = {
-        k: v for k, v in meta["train"].items() if k not in ("epochs", "early_stopping", "workers")
+        k: v
+        for k, v in meta["train"].items()
+        # a longer run (more epochs, more of them synthetic) resumes the same training
+        if k not in ("epochs", "early_stopping", "workers", "synthetic_epochs")
     }
     return json.dumps({**meta, "train": train}, sort_keys=True, default=str)
 
@@ -185,8 +188,10 @@ def load_checkpoint(path: str | Path) -> tuple[DeepHEMNMANet, dict[str, Any]]:
         ]
         if missing:
             raise KeyError(", ".join(missing))
+        direct = "grid_head.weight" in payload["model"]  # grid scores through the MLP: older
         model = DeepHEMNMANet(
             spec.n_outputs,
+            grid_slice=spec.grid_outputs if direct else None,
             backbone=str(meta["train"].get("backbone", "resnet34")),
             dropout=float(meta["train"].get("dropout", 0.5)),
         )
@@ -321,7 +326,12 @@ def train(
     meta = json.loads(json.dumps(meta, default=str))
     meta_text = json.dumps(meta, sort_keys=True)
     torch.manual_seed(config.seed)
-    model = DeepHEMNMANet(spec.n_outputs, backbone=config.backbone, dropout=config.dropout)
+    model = DeepHEMNMANet(
+        spec.n_outputs,
+        backbone=config.backbone,
+        dropout=config.dropout,
+        grid_slice=spec.grid_outputs,
+    )
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

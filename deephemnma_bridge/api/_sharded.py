@@ -29,16 +29,19 @@ from ..fileutils import atomic_path
 __all__ = ["ShardedRun", "check_images", "input_identity"]
 
 
-def input_identity(path: str | os.PathLike[str], table: Any) -> dict[str, Any]:
+def input_identity(path: str | os.PathLike[str] | None, table: Any) -> dict[str, Any]:
     """What identifies an input particle file: its size and modification time, and a hash of
-    its particles' image names (and uids) in order, so a re-sorted or edited file is caught."""
-    p = Path(path)
-    st = p.stat()
+    its particles' image names (and uids) in order, so a re-sorted or edited file is caught.
+    A table given in memory (``path`` None) is identified by its particles alone."""
     digest = hashlib.sha256()
     digest.update(np.asarray(table.image_indices, dtype=np.int64).tobytes())
     digest.update("\n".join(map(str, table.image_paths)).encode())
     if getattr(table, "uids", None) is not None:
         digest.update(np.asarray(table.uids).astype(np.uint64).tobytes())
+    if path is None:
+        return {"path": None, "particles_sha256": digest.hexdigest()}
+    p = Path(path)
+    st = p.stat()
     return {
         "path": str(p.resolve()),
         "size_bytes": st.st_size,

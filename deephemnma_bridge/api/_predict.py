@@ -1,0 +1,467 @@
+"""Prediction of amplitudes, orientations and shifts of particles with trained networks."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..particles import ParticleTable
+from ._common import (
+    Log,
+    ModesLike,
+    ParticlesLike,
+    ProgressCallback,
+    choice,
+    input_files,
+    label,
+    load_modes,
+    progress_bar,
+    read_table,
+    say,
+)
+from ._train import TrainedNetwork
+
+__all__ = ["NetworkLike", "fallback_threshold", "predict"]
+
+#: A trained network: a `TrainedNetwork`, a training folder (its best.pt) or a .pt file.
+NetworkLike = TrainedNetwork | str | os.PathLike[str]
+
+
+def fallback_threshold(
+    fallback_cost: float | str | None,
+    aligned: ParticleTable | None,
+    *,
+    has_modes: bool,
+    hemnma_name: str = "--hemnma",
+) -> float | None:
+    """The ``--fallback-cost`` threshold: None, a number, or with ``auto`` the 99th
+    percentile of the finite ``_dhnCost`` of ``aligned``, the ``--hemnma`` particles (align's
+    output, None without --hemnma)."""
+    if fallback_cost is None:
+        return None
+    if not has_modes:
+        raise InputError("--fallback-cost needs --modes (HEMNMA's reference)")
+    if str(fallback_cost).lower() != "auto":
+        try:
+            return float(fallback_cost)
+        except ValueError:
+            raise InputError(f"--fallback-cost {fallback_cost!r}: give a number or auto") from None
+    if aligned is None:
+        raise InputError("--fallback-cost auto needs --hemnma (the align output to compare with)")
+    costs = np.asarray(aligned.extra.get("dhnCost", []), dtype=float)
+    costs = costs[np.isfinite(costs)]
+    if len(costs) < 10:
+        raise InputError(
+            f"--fallback-cost auto: {hemnma_name} has {len(costs)} finite _dhnCost values "
+            "(need 10); give a number instead"
+        )
+    return float(np.percentile(costs, 99))
+
+
+def predict(
+    particles: ParticlesLike,
+    networks: NetworkLike | Sequence[NetworkLike],
+    *,
+    out: str | os.PathLike[str],
+    modes: ModesLike | None = None,
+    refine_steps: int = 0,
+    deformation: str = "auto",
+    fallback_cost: float | str | None = None,
+    top_k: int = 4,
+    fallback_confidence: float | None = None,
+    hemnma: ParticlesLike | None = None,
+    batch_size: int = 64,
+    workers: int = -1,
+    checkpoint_every: int = 2048,
+    restart: bool = False,
+    overwrite: bool = False,
+    relion_version: str = "3.1",
+    device: str = "auto",
+    progress: bool | ProgressCallback = True,
+    log: Log = print,
+) -> ParticleTable:
+    """Predict amplitudes, orientations and shifts of particles with trained networks.
+
+    The command ``deephemnma predict`` calls this. Images are streamed (never the whole stack
+    in memory); an unfinished run checkpoints into ``out.partial`` and a rerun resumes.
+
+    Parameters
+    ----------
+    particles : ParticleTable or path
+        The particles (one box size).
+    networks : TrainedNetwork, path, or a sequence of them
+        Trained networks (`train`, `TrainedNetwork.load`, a training folder or ``.pt``).
+        Several combine separately trained parts; the last one giving a part wins.
+    out : path
+        Output folder: ``particles.star`` and ``particles.cs``.
+    modes : NormalModes or path, optional
+        The modes the network was trained with: adds ``dhnCost`` (and ``refine_steps``).
+    refine_steps : int, default 0
+        HEMNMA refinement from the prediction: N Adam steps at 7 Å, N/2 at 4 Å.
+    deformation : {"auto", "linear", "nonlinear"}, default "auto"
+        Deformation model of ``modes`` (auto: the one the network was trained on).
+    fallback_cost : float or "auto", optional
+        Re-align by HEMNMA (global search) the particles whose cost stays above this (auto:
+        the 99th percentile of the ``hemnma`` particles' costs).
+    top_k : int, default 4
+        Grid head: refinement starts from this many orientations of each particle.
+    fallback_confidence : float, optional
+        Grid head: re-align the particles whose pose confidence is below this.
+    hemnma : ParticleTable or path, optional
+        `align`'s output, whose particles keep their HEMNMA values (``dhnSource`` hemnma).
+    batch_size, workers, checkpoint_every : int
+        Particles per batch, DataLoader workers (-1: auto), particles between checkpoints.
+    restart : bool, default False
+        Discard an unfinished earlier run instead of resuming it.
+    overwrite : bool, default False
+        Replace an existing ``out`` that this package did not write.
+    relion_version : {"3.0", "3.1"}, default "3.1"
+        STAR flavour written.
+    device : str, default "auto"
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    progress : bool or callable, default True
+        The package's progress bar, none, or a callback ``f(done, total)``.
+    log : callable or None, default print
+        Where the summary lines go; None for silence.
+
+    Returns
+    -------
+    ParticleTable
+        Every particle with poses, ``dhnAmplitude<mode>`` and ``dhnSource`` (and
+        ``dhnCost``, ``dhnConfidence`` when known), as written to ``out/particles.star``.
+
+    Examples
+    --------
+    See `run_pipeline`, whose stages are `align`, `train`, `predict` and `analyze`:
+
+    >>> from deephemnma_bridge.api import predict
+    >>> predict.__name__
+    'predict'
+    """
+    import pandas as pd
+    import torch
+
+    from ..adapters import ParticleImages, write_particles
+    from ..adapters.images import portable_image_paths
+    from ..device import loader_workers, resolve_device
+    from ..fileutils import atomic_dir, check_not_input, check_output_dir, file_sha256
+    from ..preprocess import PreprocessConfig, preprocess_images
+    from ..training.data import CTF_FIELDS, ParticleBatches, ctf_from_rows
+    from ..training.targets import TargetSpec, decode
+    from ..training.trainer import checkpoint_file
+    from ._sharded import ShardedRun, check_images, input_identity
+
+    out = Path(out)
+    given = [networks] if isinstance(networks, TrainedNetwork | str | os.PathLike) else networks
+    if not given:
+        raise InputError("--checkpoint: give at least one trained network")
+    checkpoints = [n.path if isinstance(n, TrainedNetwork) else Path(n) for n in given]
+    check_not_input(out, *input_files(particles), *checkpoints)
+    in_files = (*input_files(particles), *checkpoints, *input_files(modes, hemnma))
+    check_output_dir(out, command="predict", inputs=in_files, overwrite=overwrite)
+    choice("--deformation", deformation, ("auto", "linear", "nonlinear"))
+    choice("--relion-version", relion_version, ("3.0", "3.1"))
+    if refine_steps and modes is None:
+        raise InputError("--refine needs --modes (the modes file the network was trained with)")
+    table, particles_path = read_table(particles)
+    name = label(particles_path)
+    n = len(table)
+    if n == 0:
+        raise InputError(f"{name}: no particles")
+    check_images(ParticleImages(table), table)  # missing stacks fail now, not after set-up
+    dev = resolve_device(device)
+    nets: list[tuple[Any, dict[str, Any], TargetSpec]] = []
+    for item, path in zip(given, checkpoints, strict=True):
+        network = item if isinstance(item, TrainedNetwork) else TrainedNetwork.load(path)
+        model, meta = network.model, network.meta
+        spec = TargetSpec.from_dict(meta["target"])
+        box_a = meta["box_size_px"] * meta["pixel_size_angstrom"]
+        ours = float(np.median(table.box_size_px * table.pixel_size_angstrom))
+        if abs(box_a - ours) > 0.01 * box_a:
+            raise InputError(
+                f"{path} was trained on {box_a:.1f} Å boxes, these particles are {ours:.1f} Å; "
+                "extract them with the training box and pixel size"
+            )
+        nets.append((model.to(dev), meta, spec))
+    provides = {p: k for k, (_, _, spec) in enumerate(nets) for p in spec.parts}
+    mode_numbers: list[int] = []
+    if "amplitudes" in provides:
+        mode_numbers = list(nets[provides["amplitudes"]][1]["mode_numbers"])
+    if ("orientation" not in provides or "shifts" not in provides) and (
+        table.rotation_matrices is None
+    ):
+        raise InputError(
+            f"{name} has no poses and the networks do not predict "
+            f"{', '.join(p for p in ('orientation', 'shifts') if p not in provides)}"
+        )
+    boxes = np.unique(table.box_size_px)
+    if len(boxes) != 1:
+        raise InputError(f"{name}: mixed box sizes {boxes.tolist()}")
+    box, pixel = int(boxes[0]), float(np.median(table.pixel_size_angstrom))
+    reference = final_reference = config = None
+    if refine_steps < 0:
+        raise InputError(f"--refine must be >= 0 iterations, got {refine_steps}")
+    if top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {top_k}")
+    grid_head = any(spec.grid is not None for _, _, spec in nets)
+    if fallback_confidence is not None:
+        if not grid_head:
+            raise InputError(
+                "--fallback-confidence needs a network with the grid orientation head "
+                "(train --orientation-head grid)"
+            )
+        if modes is None:
+            raise InputError("--fallback-confidence re-aligns by HEMNMA: give --modes")
+        if not 0 <= fallback_confidence <= 1:
+            raise InputError(
+                f"--fallback-confidence is a probability (0-1), got {fallback_confidence}"
+            )
+    aligned = None  # --hemnma, read and checked once, before any prediction
+    hemnma_path: Path | None = None
+    if hemnma is not None:
+        aligned, hemnma_path = read_table(hemnma)
+        hemnma_name = label(hemnma_path, "the HEMNMA particles")
+        if aligned.rotation_matrices is None:
+            raise InputError(f"--hemnma {hemnma_name}: no poses")
+        for m in mode_numbers:
+            if f"dhnAmplitude{m}" not in aligned.extra:
+                raise InputError(f"--hemnma {hemnma_name}: no dhnAmplitude{m} column")
+    threshold = fallback_threshold(
+        fallback_cost,
+        aligned,
+        has_modes=modes is not None,
+        hemnma_name=label(hemnma_path, "the HEMNMA particles"),
+    )
+    working = min(box, 128)
+    work_pixel = pixel * box / working  # HEMNMA's working pixel, as in `deephemnma align`
+    model_of: str | None = None
+    modes_path: Path | None = None
+    if modes is not None:
+        from ..alignment.hemnma import AlignmentConfig, SearchLibrary, align_batch
+        from ..nma import check_modes_match
+        from ._align import build_reference
+
+        if not mode_numbers:
+            raise InputError("--modes needs a network that predicts amplitudes")
+        loaded_modes, modes_path = load_modes(modes)
+        for path, (_, meta, _) in zip(checkpoints, nets, strict=True):
+            if meta.get("modes_fingerprint"):
+                check_modes_match(
+                    loaded_modes,
+                    meta["modes_fingerprint"],
+                    label(modes_path, "the modes"),
+                    f"{path} was trained on",
+                )
+        model_of = str(deformation)
+        if model_of == "auto":
+            recorded = {str(meta.get("deformation", "linear")) for _, meta, _ in nets}
+            model_of = "nonlinear" if recorded == {"nonlinear"} else "linear"
+        reference, _, final_reference = build_reference(
+            loaded_modes,
+            mode_numbers,
+            deformation=model_of,
+            box_angstrom=box * pixel,
+            device=dev,
+            log=log,
+        )
+        # from the prediction (one candidate, no search): N steps at 7 Å with residue blobs,
+        # then N/2 at 4 Å with every atom, as the two bands of `deephemnma align`
+        config = AlignmentConfig(local_poses=True, iterations=(refine_steps, refine_steps // 2))
+        search = AlignmentConfig()  # the fallback: `deephemnma align`'s defaults
+    ctf = np.stack([np.asarray(getattr(table, f), dtype=float) for f in CTF_FIELDS], axis=1)
+    fields = {
+        "amplitudes": ((len(mode_numbers),), np.float64),
+        "rotations": ((3, 3), np.float64),
+        "shifts": ((2,), np.float64),
+        "cost": ((), np.float64),
+        "fallback": ((), np.bool_),
+        "confidence": ((), np.float64),
+    }
+    settings = {
+        "particles": input_identity(particles_path, table),
+        "checkpoints": {str(c): file_sha256(checkpoint_file(c)) for c in checkpoints},
+        "modes": str(modes_path) if modes is not None else "None",
+        "modes_sha256": None
+        if modes is None
+        else file_sha256(modes_path)
+        if modes_path is not None
+        else loaded_modes.fingerprint(),
+        "refine": refine_steps,
+        "deformation": model_of,
+        "fallback_cost": threshold,
+    }
+    run = ShardedRun(out, n, fields, settings, dev, checkpoint_every, restart=restart)
+    todo_local = run.todo  # positions in this rank's slice
+    todo = run.mine[todo_local]
+    data = ParticleBatches(ParticleImages(table), todo, ctf[todo])
+    batches = torch.utils.data.BatchSampler(
+        torch.utils.data.SequentialSampler(data), batch_size, drop_last=False
+    )
+    stream = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        sampler=batches,
+        num_workers=loader_workers(workers, dev),
+        pin_memory=dev.type == "cuda",
+    )
+    bar = progress_bar(
+        progress,
+        len(run.mine),
+        initial=len(run.mine) - len(todo),
+        desc=f"predict[{run.rank}]" if run.world > 1 else "predict",
+    )
+    preps = [PreprocessConfig.from_dict(meta["preprocess"]) for _, meta, _ in nets]
+    align_prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
+    library: Any = None  # HEMNMA's search library, built at the first fallback
+    t0 = time.perf_counter()
+    amp = dev.type == "cuda"
+    with torch.no_grad(), run.guard():
+        for images, _, c, pos in stream:
+            local = todo_local[pos.numpy()]
+            rows = run.mine[local]
+            images = images.to(dev, non_blocking=True)
+            params = ctf_from_rows(c, dev)
+            pred: dict[str, np.ndarray] = {}
+            inputs: dict[str, torch.Tensor] = {}  # one preprocessing per distinct setting
+            for (model, _, spec), prep in zip(nets, preps, strict=True):
+                key = repr(prep)
+                if key not in inputs:
+                    inputs[key] = preprocess_images(
+                        images, pixel_size_angstrom=pixel, config=prep, ctf=params
+                    )
+                x = inputs[key]
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    y = model(x[:, None]).float()
+                pred.update(decode(spec, y, top_k=top_k))
+            rot: Any = pred.get(
+                "rotations",
+                table.rotation_matrices[rows] if table.rotation_matrices is not None else None,
+            )
+            shifts = pred.get("shifts", table.shifts_angstrom[rows])
+            amps = pred.get("amplitudes", np.zeros((len(rows), 0)))
+            cost = np.full(len(rows), np.nan)
+            fell = np.zeros(len(rows), dtype=bool)
+            confidence = pred.get("confidence", np.full(len(rows), np.nan))
+            starts: Any = rot
+            if "candidates" in pred and refine_steps:
+                starts = pred["candidates"]  # (B, k, 3, 3): the best of the k is kept
+            if reference is not None and config is not None:
+                xa = preprocess_images(images, pixel_size_angstrom=pixel, config=align_prep)
+                with torch.enable_grad():
+                    res = align_batch(
+                        xa,
+                        params,
+                        reference,
+                        config,
+                        pixel_size_angstrom=work_pixel,
+                        rotations=torch.as_tensor(starts),
+                        shifts_angstrom=torch.as_tensor(shifts),
+                        amplitudes=torch.as_tensor(amps, dtype=torch.float32),
+                        # the cost of `align`'s last stage (every atom, 4 Å): comparable
+                        final_reference=final_reference,
+                    )
+                amps, rot, shifts, cost = (
+                    res.amplitudes,
+                    res.rotations,
+                    res.shifts_angstrom,
+                    res.cost,
+                )
+                if threshold is not None:
+                    fell = ~(cost <= threshold)  # NaN (failed) too
+                if fallback_confidence is not None:
+                    fell |= ~(confidence >= fallback_confidence)
+                if fell.any():
+                    if library is None:
+                        library = SearchLibrary.build(reference, search, working, work_pixel, dev)
+                    idx = np.flatnonzero(fell)
+                    with torch.enable_grad():
+                        full = align_batch(
+                            xa[torch.as_tensor(idx, device=dev)],
+                            params.take(idx),
+                            reference,
+                            search,
+                            pixel_size_angstrom=work_pixel,
+                            final_reference=final_reference,
+                            library=library,
+                        )
+                    amps[idx], rot[idx], shifts[idx] = (
+                        full.amplitudes,
+                        full.rotations,
+                        full.shifts_angstrom,
+                    )
+                    cost[idx] = full.cost
+            run.store(
+                local,
+                amplitudes=amps,
+                rotations=rot,
+                shifts=shifts,
+                cost=cost,
+                fallback=fell,
+                confidence=confidence,
+            )
+            bar.update(len(rows))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    merged = run.merge()
+    if merged is None:
+        run.close(success=False)
+        return table
+    source = np.full(n, "network", dtype=object)
+    if threshold is not None or fallback_confidence is not None:
+        source[merged["fallback"]] = "hemnma"
+        why = [f"a cost above {threshold:.4f}"] if threshold is not None else []
+        if fallback_confidence is not None:
+            why.append(f"a pose confidence below {fallback_confidence:g}")
+        say(
+            log,
+            f"{int(merged['fallback'].sum())} particle(s) with {' or '.join(why)} "
+            "re-aligned by HEMNMA (global search)",
+        )
+    amplitudes, rotations, shifts_all = merged["amplitudes"], merged["rotations"], merged["shifts"]
+    cost_all = merged["cost"]
+    if aligned is not None:
+        assert aligned.rotation_matrices is not None  # checked on reading
+        where = pd.Index(table.stack_keys).get_indexer(aligned.stack_keys)
+        found = where >= 0
+        for j, m in enumerate(mode_numbers):
+            column = np.asarray(aligned.extra[f"dhnAmplitude{m}"], dtype=float)
+            amplitudes[where[found], j] = column[found]
+        rotations[where[found]] = aligned.rotation_matrices[found]
+        shifts_all[where[found]] = aligned.shifts_angstrom[found]
+        if "dhnCost" in aligned.extra:
+            cost_all[where[found]] = np.asarray(aligned.extra["dhnCost"], dtype=float)[found]
+        source[where[found]] = "hemnma"
+        say(
+            log,
+            f"{int(found.sum())} particle(s) keep their HEMNMA values from "
+            f"{label(hemnma_path, 'the HEMNMA particles')}",
+        )
+    columns: dict[str, Any] = {
+        f"dhnAmplitude{m}": amplitudes[:, j] for j, m in enumerate(mode_numbers)
+    }
+    columns["dhnSource"] = source
+    trained_on = {str(meta.get("modes_fingerprint")) for _, meta, _ in nets} - {"None"}
+    if mode_numbers and len(trained_on) == 1:
+        columns["dhnModes"] = np.full(n, trained_on.pop(), dtype=object)
+    if modes is not None or aligned is not None:
+        columns["dhnCost"] = cost_all
+    if grid_head:  # the network's pose confidence (HEMNMA's particles: NaN, not judged)
+        conf = np.asarray(merged["confidence"], dtype=float).copy()
+        if aligned is not None:
+            conf[where[found]] = np.nan
+        columns["dhnConfidence"] = conf
+    result = table.with_poses(rotations, shifts_all).with_extra(**columns)
+    result = portable_image_paths(result)  # reachable from the output folder too
+    with atomic_dir(out, command="predict", inputs=in_files, overwrite=overwrite) as tmp:
+        write_particles(result, tmp / "particles.star", relion_version=relion_version)
+        write_particles(result, tmp / "particles.cs")
+    run.close(success=True)
+    rate = len(run.mine) / max(elapsed, 1e-9)
+    say(log, f"predicted {n} particles ({rate:.0f}/s on rank 0) -> {out}")
+    return result
