@@ -27,6 +27,10 @@
     python benchmarks/bench_network.py [--n-train 2000] [--n-test 500] [--epochs 15]
         [--augment] [--refine 40] [--work DIR]   (a DIR of an earlier run reuses its
         simulation and HEMNMA results)
+    # the README's figures (grid head, synthetic training; about 40 CPU-minutes):
+    python benchmarks/bench_network.py --n-train 1000 --n-test 500 --epochs 30 \
+        --batch-size 64 --refine 20 --net net_direct --train-args "--orientation-head grid \
+        --modes MODES --synthetic-epochs 30 --synthetic-batches 100 --lr 1e-3 --lr-step 20"
 """
 
 from __future__ import annotations
@@ -54,12 +58,19 @@ from deephemnma_bridge.training.trainer import load_checkpoint
 CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
 
 
-def cli(args: list[str]) -> str:
+CPU: dict[str, float] = {}  # CPU-s (user + system) of the last run of each command name
+
+
+def cli(args: list[str], name: str | None = None) -> str:
     t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([*CLI, *args], capture_output=True, text=True, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{args[0]} failed:\n{done.stderr[-3000:]}")
-    print(f"  {args[0]}: {time.perf_counter() - t0:.0f} s", flush=True)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    CPU[name or args[0]] = cpu
+    print(f"  {args[0]}: {time.perf_counter() - t0:.0f} s, {cpu:.0f} CPU-s", flush=True)
     return done.stdout
 
 
@@ -172,10 +183,14 @@ def main() -> None:
             fresh(folder)
             argv = ["predict", str(sim / "test.star"), "--checkpoint", str(net)]
             argv += ["--modes", modes, "--refine", str(args.refine), "--out", str(folder)]
-            printed = cli([*argv, *extra])
+            printed = cli([*argv, *extra], name)
             if extra:
                 print("  " + printed.strip().splitlines()[0])  # how many fell back
             results[name] = errors(folder / "particles.star")
+    # HEMNMA on the held-out particles again, now, beside the predictions: CPU side by side
+    side = work / "hemnma_test_side_by_side"
+    fresh(side)
+    cli(["align", str(sim / "test.star"), "--modes", modes, "--out", str(side)], "hemnma")
     hem = errors(work / "hemnma_test" / "particles.star")
     meta = json.loads((net / "train.json").read_text())
     print(
@@ -192,6 +207,12 @@ def main() -> None:
             f"{np.mean([e[f'mae{m}'] / hem[f'mae{m}'] for m in (7, 8, 9)]):.2f}x "
             "(target <= 1.25x)"
         )
+        if name in CPU:
+            print(
+                f"  CPU-s per particle {name} {CPU[name] / args.n_test:.3f}, HEMNMA "
+                f"{CPU['hemnma'] / args.n_test:.3f} (run just before): "
+                f"{CPU[name] / CPU['hemnma']:.2f}x (target <= 0.5x)"
+            )
     throughput(net, sim / "particles.star", work / "throughput", args.infer_batch)
 
 

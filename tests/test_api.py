@@ -208,3 +208,31 @@ def test_cryosparc_example_on_the_api_with_a_fake_server(
         **FAST_PIPELINE,
     )  # fmt: skip
     assert sum("up to date, skipped" in s for s in lines) == 4, lines
+
+
+def test_pipeline_with_the_grid_head_trained_on_simulated_images(
+    sim: api.SimulationResult, tmp_path: Path
+) -> None:
+    """The demo's path: the network learns from images rendered from the reference (a couple
+    of tiny synthetic batches here), predict refines its top 4 and writes _dhnConfidence."""
+    result = api.run_pipeline(
+        sim.particles,
+        modes=sim.modes,
+        out=tmp_path / "grid",
+        orientation_head="grid",
+        synthetic_batches=2,
+        batch_size=8,
+        refine_steps=2,
+        log=None,
+        **FAST_PIPELINE,
+    )
+    net = result.trained_network()
+    assert net.meta["target"]["orientation_head"] == "grid"
+    assert net.meta["train"]["synthetic_epochs"] == 1 and net.meta["synthetic_snr"] > 0
+    extra = result.particles.extra
+    assert "dhnConfidence" in extra and "dhnTrusted" in extra
+    with pytest.raises(InputError, match="orientation-head"):
+        api.run_pipeline(
+            sim.particles, modes=sim.modes, out=tmp_path / "bad", orientation_head="euler",
+            log=None, **FAST_PIPELINE,
+        )  # fmt: skip

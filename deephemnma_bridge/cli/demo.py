@@ -3,8 +3,10 @@ pipeline, with the accuracy against the ground truth.
 
 Simulates --n particles from the bundled 4AKE chain A (all-atom density, modes 7-9 along a
 helix, SNR 0.1, CTF, 128 px at 0.65 Å), then runs `deephemnma run` on them: HEMNMA on a
-training subset, the network trained on its results and run on every particle, the
-conformational space with groups. Prints the errors of HEMNMA and of the network against the
+training subset, the network (SO(3) grid head) trained on fresh images simulated from the
+reference with the noise, CTFs and amplitudes of that subset, run on every particle and refined
+from its top 4 orientations by --refine HEMNMA steps, the conformational space with groups
+(subsets of trusted poses). Prints the errors of HEMNMA and of the network against the
 simulated truth and where the outputs are. Sized for about 10 minutes on a 2-core CPU (the
 network is the slow part; a GPU is used when present). Rerunning resumes / skips finished
 stages.
@@ -31,7 +33,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     p("--n", type=int, default=1500, help="particles simulated (1500)")
     p("--n-train", type=int, default=600, help="of which aligned by HEMNMA for training (600)")
-    p("--epochs", type=int, default=25, help="network epochs at most (25)")
+    p("--epochs", type=int, default=8, help="network epochs on simulated images (8)")
+    p("--synthetic-batches", type=int, default=50, help="batches of 64 per epoch (50)")
+    p("--refine", type=int, default=20, help="HEMNMA steps from the network's top 4 (20)")
     p(
         "--size",
         type=int,
@@ -63,6 +67,9 @@ def main(args: argparse.Namespace) -> int:
         modes=str(sim / "modes.npz"),
         n_train=args.n_train,
         epochs=args.epochs,
+        synthetic_batches=args.synthetic_batches,
+        orientation_head="grid",
+        refine=args.refine,
         size=args.size,
         device=args.device,
         seed=args.seed,

@@ -50,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "min_count": None,
     "n_groups": 4,
     "refine": 0,
+    "orientation_head": "quaternion",
+    "synthetic_batches": 100,
     "device": "auto",
     "workers": -1,
     "relion_version": "3.1",
@@ -111,7 +113,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--groups", choices=["bins", "kmeans", "gmm", "none"], default=None)
     p("--min-count", type=int, default=None)
     p("--n-groups", type=int, default=None)
-    p("--refine", type=int, default=None, help="HEMNMA iterations after prediction (0)")
+    p(
+        "--refine",
+        type=int,
+        default=None,
+        help="HEMNMA steps after prediction (0: off; with the grid head from its top 4)",
+    )
+    p(
+        "--orientation-head",
+        choices=["grid", "quaternion"],
+        default=None,
+        help="quaternion: the paper's network, on the HEMNMA labels only (default); grid: "
+        "trained on fresh simulated images with the SO(3) grid head (better; see README)",
+    )
+    p("--synthetic-batches", type=int, default=None, help="batches per synthetic epoch (100)")
     p("--device", default=None, help="auto, cpu or cuda")
     p(
         "--workers",
@@ -124,13 +139,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 _INT_KEYS = frozenset(
     {"n_modes", "n_train", "seed", "align_working_size", "epochs", "size", "batch_size"}
-    | {"min_count", "n_groups", "refine", "workers", "population_search"}
+    | {"min_count", "n_groups", "refine", "workers", "population_search", "synthetic_batches"}
 )
 _FLOAT_KEYS = frozenset({"outliers", "search_step"})
 _BOOL_KEYS = frozenset({"augment"})
 _CHOICES = {
     "preset": ("paper", "fast"),
     "deformation": ("linear", "nonlinear"),
+    "orientation_head": ("grid", "quaternion"),
     "groups": ("bins", "kmeans", "gmm", "none"),
     "relion_version": ("3.0", "3.1"),
 }
@@ -272,6 +288,8 @@ def pipeline_from_options(
         min_count=opts["min_count"],
         n_groups=int(opts["n_groups"]),
         refine_steps=int(opts["refine"]),
+        orientation_head=str(opts["orientation_head"]),
+        synthetic_batches=int(opts["synthetic_batches"]),
         device=str(opts["device"]),
         workers=int(opts["workers"]),
         relion_version=str(opts["relion_version"]),
