@@ -240,11 +240,15 @@ def test_trusted_poses_rule() -> None:
     args = argparse.Namespace(min_confidence=0.5, max_cost="auto")
     trusted, rule = trusted_poses(extra, args)
     limit = np.percentile(cost[1:30], 99)
-    expected = np.concatenate(
-        [[False], np.ones(29, bool), (conf[30:] >= 0.5) & (cost[30:] <= limit)]
-    )
+    # with a cost, the fit of the final pose decides (the confidence is not used)
+    expected = np.concatenate([[False], np.ones(29, bool), cost[30:] <= limit])
     np.testing.assert_array_equal(trusted, expected)
-    assert "confidence >= 0.5" in rule and "cost <=" in rule
+    assert "cost <=" in rule and "confidence" not in rule
+    # without a usable cost, the confidence decides
+    no_cost = {"dhnSource": source, "dhnConfidence": conf}
+    trusted, rule = trusted_poses(no_cost, args)
+    np.testing.assert_array_equal(trusted[30:], conf[30:] >= 0.5)
+    assert "confidence >= 0.5" in rule
     # nothing to judge a network pose by: not trusted; HEMNMA's are
     bare = {"dhnSource": source}
     trusted, rule = trusted_poses(bare, args)
