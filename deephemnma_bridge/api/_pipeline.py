@@ -257,9 +257,9 @@ def run_pipeline(
     >>> result = run_pipeline(sim.particles, modes=sim.modes, out=tmp / "dhn", n_train=12,
     ...                       epochs=1, size_px=32, align_working_size_px=32,
     ...                       align_iterations=(2, 2), search_step_degrees=40, min_count=6,
-    ...                       workers=0, device="cpu", log=None)  # doctest: +SKIP
-    >>> len(result.particles)  # doctest: +SKIP
-    24
+    ...                       workers=0, device="cpu", log=None)
+    >>> len(result.particles), result.trained_network().mode_numbers
+    (24, [7, 8, 9])
     """
     from ..adapters import read_particles, write_particles
     from ..adapters.images import portable_image_paths

@@ -138,11 +138,30 @@ def predict(
 
     Examples
     --------
-    See `run_pipeline`, whose stages are `align`, `train`, `predict` and `analyze`:
+    A network trained (one epoch) on the simulator's truth, run on the same particles, with
+    the cost of each prediction (``modes=``) and 4 HEMNMA steps from it (``refine_steps=``):
 
-    >>> from deephemnma_bridge.api import predict
-    >>> predict.__name__
-    'predict'
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from pathlib import Path
+    >>> from deephemnma_bridge.api import predict, simulate, train
+    >>> from deephemnma_bridge.conventions import euler_to_matrix
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> sim = simulate(out=tmp / "sim", n_particles=12, box_px=48, pixel_size_angstrom=3.0,
+    ...                seed=1, device="cpu", progress=False, log=None)
+    >>> truth = sim.particles.extra
+    >>> angles = np.stack([truth[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1)
+    >>> labelled = sim.particles.with_poses(euler_to_matrix(angles), np.zeros((12, 2)))
+    >>> labelled = labelled.with_extra(
+    ...     **{f"dhnAmplitude{m}": truth[f"dhnTrueAmplitude{m}"] for m in (7, 8, 9)})
+    >>> net = train(labelled, out=tmp / "net", preset="fast", epochs=1, size_px=32,
+    ...             batch_size=4, workers=0, device="cpu", log=None)
+    >>> predicted = predict(sim.particles, net, out=tmp / "pred", modes=sim.modes,
+    ...                     refine_steps=4, workers=0, device="cpu", progress=False, log=None)
+    >>> len(predicted), sorted(k for k in predicted.extra if k.startswith("dhnA"))
+    (12, ['dhnAmplitude7', 'dhnAmplitude8', 'dhnAmplitude9'])
+    >>> bool(np.isfinite(np.asarray(predicted.extra["dhnCost"], dtype=float)).all())
+    True
     """
     import pandas as pd
     import torch

@@ -7,7 +7,7 @@ training subset, the network (SO(3) grid head) trained on fresh images simulated
 reference with the noise, CTFs and amplitudes of that subset, run on every particle and refined
 from its top 4 orientations by --refine HEMNMA steps, the conformational space with groups
 (subsets of trusted poses). Prints the errors of HEMNMA and of the network against the
-simulated truth and where the outputs are. Sized for about 10 minutes on a 2-core CPU (the
+simulated truth and where the outputs are. Sized for about 5 minutes on a 2-core CPU (the
 network is the slow part; a GPU is used when present). Rerunning resumes / skips finished
 stages.
 
