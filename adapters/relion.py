@@ -174,6 +174,11 @@ def _pick_particle_block(path: Path, blocks: dict[str, Any]) -> tuple[str, pd.Da
     return name, candidates[name]
 
 
+def _ours(columns: pd.Index) -> NDArray[np.bool_]:
+    """Which columns are ours (``dhn`` labels): they may hold NaN (`_check_values`)."""
+    return np.array([str(c).startswith("dhn") for c in columns], dtype=bool)
+
+
 def _check_values(path: Path, df: pd.DataFrame, table: str) -> None:
     """NaN (also from truncated rows), inf or text in a number column -> error naming row/column.
 
@@ -191,8 +196,7 @@ def _check_values(path: Path, df: pd.DataFrame, table: str) -> None:
                     "not a number; fix or remove that row"
                 )
             df[col] = pd.to_numeric(values)
-    optional = np.array([str(c).startswith("dhn") for c in df.columns], dtype=bool)
-    missing = df.isna().to_numpy() & ~optional[None, :]
+    missing = df.isna().to_numpy() & ~_ours(df.columns)[None, :]
     if missing.any():
         row, col = np.argwhere(missing)[0]
         raise ParticleFileError(
@@ -202,8 +206,7 @@ def _check_values(path: Path, df: pd.DataFrame, table: str) -> None:
     numeric = df.select_dtypes(include="number")
     if numeric.shape[1]:
         numbers = numeric.to_numpy(dtype=np.float64)
-        ours = np.array([str(c).startswith("dhn") for c in numeric.columns], dtype=bool)
-        bad = ~np.isfinite(numbers) & ~(np.isnan(numbers) & ours[None, :])
+        bad = ~np.isfinite(numbers) & ~(np.isnan(numbers) & _ours(numeric.columns)[None, :])
         if bad.any():
             row, col = np.argwhere(bad)[0]
             raise ParticleFileError(

@@ -89,14 +89,14 @@ def main() -> None:
     hemnma = work / "hemnma"
     if not (hemnma / "particles.star").exists():
         argv = ["align", str(sim / "labelled.star"), "--modes", modes, "--out", str(hemnma)]
-        _, wall = cli([*argv, "--overwrite", *dev])
+        _, wall = cli([*argv, *dev])
         row("HEMNMA align", f"{args.n_hemnma} particles in {wall:.0f} s "
             f"({args.n_hemnma / wall:.1f}/s, whole run)")  # fmt: skip
 
     net = work / "net"
     base = ["train", str(hemnma / "particles.star"), "--out", str(net), "--preset", "fast"]
     base += ["--orientation-head", "grid", "--modes", modes, "--batch-size", str(args.batch)]
-    base += ["--lr", "1e-3", "--synthetic-batches", "50", "--overwrite", *dev]
+    base += ["--lr", "1e-3", "--synthetic-batches", "50", *dev]
     _, first = cli([*base, "--epochs", "1", "--synthetic-epochs", "1"])
     per_epoch = max(first, 1e-3)
     epochs = max(2, int(args.train_seconds / per_epoch))
@@ -110,7 +110,7 @@ def main() -> None:
 
     pred = work / "pred"
     argv = ["predict", str(sim / "particles.star"), "--checkpoint", str(net), "--out", str(pred)]
-    _out, wall = cli([*argv, "--batch-size", str(args.infer_batch), "--overwrite", *dev])
+    _out, wall = cli([*argv, "--batch-size", str(args.infer_batch), *dev])
     row("predict (end to end)", f"{args.n} particles in {wall:.0f} s ({args.n / wall:.0f}/s)")
     scored = _score(pred / "particles.star", args.n_hemnma)
     row("network alone on unseen particles", scored)

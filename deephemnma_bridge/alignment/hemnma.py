@@ -652,6 +652,13 @@ def _refine(
     return q.detach(), rot.detach(), o.detach(), ncc.detach()
 
 
+def _amplitude_lr(config: AlignmentConfig, reference: ReferenceModel, band: int) -> float:
+    """Adam's amplitude step at band ``band``, in the amplitude unit (Å·sqrt(N))."""
+    if config.amplitude_lr_angstrom is None:
+        return config.learning_rates[0]
+    return config.amplitude_lr_angstrom[band] * reference.amplitude_scale
+
+
 def _refine_until_settled(
     spectra: torch.Tensor,
     ctf_full: torch.Tensor | None,
@@ -676,11 +683,7 @@ def _refine_until_settled(
     half was still travelling when the steps ran out, and gets another round."""
     resolution = config.refine_resolution_angstrom[band]
     iterations = config.iterations[band]
-    scale = reference.amplitude_scale
-    if config.amplitude_lr_angstrom is None:
-        amp_lr = config.learning_rates[0]
-    else:
-        amp_lr = config.amplitude_lr_angstrom[band] * scale
+    amp_lr = _amplitude_lr(config, reference, band)
     # sum of the cosine-decayed rates over the second half of a round, in units of lr
     half = iterations // 2
     steps = sum((1 + math.cos(math.pi * t / iterations)) / 2 for t in range(half, iterations))
@@ -772,15 +775,10 @@ def _refine_candidates(
         screen = config.screen_iterations
         if per > 1 and 0 < screen < config.iterations[0]:
             # a short round for every candidate, then the full band for the best one only
-            amp_lr = (
-                config.learning_rates[0]
-                if config.amplitude_lr_angstrom is None
-                else config.amplitude_lr_angstrom[0] * reference.amplitude_scale
-            )
             q, rot, org, ncc = _refine(
                 spec_all, ctf_all, reference, rot_all, org_all, q_all, config,
                 config.refine_resolution_angstrom[0], screen, box, pixel_size_angstrom,
-                rigid=rigid, amp_lr=amp_lr,
+                rigid=rigid, amp_lr=_amplitude_lr(config, reference, 0),
             )  # fmt: skip
             best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
             q, rot, org, ncc, moving1 = _refine_until_settled(

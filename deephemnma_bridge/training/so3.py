@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OrientationGrid", "matrix_to_quaternion_t", "quaternion_to_matrix_t"]
+__all__ = ["OrientationGrid", "quaternion_to_matrix_t"]
 
 
 def quaternion_to_matrix_t(q: torch.Tensor) -> torch.Tensor:
@@ -43,14 +43,6 @@ def quaternion_to_matrix_t(q: torch.Tensor) -> torch.Tensor:
         ],
         -2,
     )
-
-
-def matrix_to_quaternion_t(m: torch.Tensor) -> torch.Tensor:
-    """Unit quaternions (..., 4), ``w >= 0``, of rotation matrices (..., 3, 3)."""
-    from ..conventions import matrix_to_quaternion
-
-    q = matrix_to_quaternion(m.detach().double().cpu().numpy())
-    return torch.as_tensor(q, dtype=m.dtype, device=m.device)
 
 
 @dataclass(frozen=True, eq=False)
