@@ -145,3 +145,45 @@ def test_cpu_threads_do_not_oversubscribe_a_busy_machine(monkeypatch: pytest.Mon
     assert cpu_threads(0) == (torch.get_num_threads(), "torch's default")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cpu_threads(0)[0] == 1
+
+
+def test_screening_at_a_coarse_band_keeps_the_right_candidate(wide: Path) -> None:
+    """Each particle's true pose among two wrong ones: a few steps at the screening band (10 Å,
+    the template merged into a few blobs) pick it; the settings are checked."""
+    from deephemnma_bridge.alignment.ctf import ctf_2d
+    from deephemnma_bridge.alignment.hemnma import _refine_candidates
+    from deephemnma_bridge.conventions import angle_between_rotations_degrees, euler_to_matrix
+    from deephemnma_bridge.errors import InputError
+
+    t = read_particles(wide / "particles.star")
+    modes = NormalModes.load(wide / "modes.npz").select(MODES)
+    ref = ReferenceModel.from_modes(modes.coordinates, modes.vectors, MODES, template="nodes")
+    rows = np.arange(len(t))
+    images = torch.tensor(ParticleImages(t).read(rows))
+    spectra = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+    c = ctf_2d(CTFParams.from_table(t, rows), box_size_px=64, pixel_size_angstrom=1.3)
+    e = t.extra
+    true = euler_to_matrix(np.stack([e[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1))
+    origins = np.stack([e["dhnTrueOriginXAngst"], e["dhnTrueOriginYAngst"]], 1)
+    wrong = [
+        euler_to_matrix(np.array([[40.0, 50.0, 0.0]])),
+        euler_to_matrix(np.array([[0, 90.0, 0]])),
+    ]
+    cands = np.stack([true, true @ wrong[0][0], true @ wrong[1][0]], 1)  # true is candidate 0
+    order = np.random.default_rng(1).permuted(np.tile([0, 1, 2], (len(t), 1)), axis=1)
+    cands = np.take_along_axis(cands, order[:, :, None, None], axis=1)
+    config = AlignmentConfig(
+        iterations=(12, 0), screen_iterations=4, screen_resolution_angstrom=10.0,
+        search_max_blobs=40, max_rounds=1,
+    )  # fmt: skip
+    assert ref.coarsened(40).coordinates.shape[0] == 40 < ref.coordinates.shape[0]
+    q0 = torch.tensor(_truth(t), dtype=torch.float32)[:, None].expand(-1, 3, -1).contiguous()
+    _, rot, _, _, _ = _refine_candidates(
+        spectra, c, ref, None, torch.tensor(cands, dtype=torch.float32),
+        torch.tensor(origins, dtype=torch.float32)[:, None].expand(-1, 3, -1).contiguous(),
+        q0, config, 64, 1.3, None,
+    )  # fmt: skip
+    angle = angle_between_rotations_degrees(rot.double().numpy(), true)
+    assert np.mean(angle < 10) >= 0.9  # the wrong candidates are 40-90° away
+    with pytest.raises(InputError, match="screening band"):
+        AlignmentConfig(screen_resolution_angstrom=0.0)

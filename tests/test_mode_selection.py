@@ -150,3 +150,20 @@ def test_modes_table_marks_what_auto_takes(
     assert all(rows[m].rstrip().endswith("auto") for m in (7, 8, 9))
     assert not any(rows[m].rstrip().endswith("auto") for m in (10, 11, 12))
     assert "align --use-modes auto (the default) takes modes 7,8,9" in out
+
+
+def test_mode_numbers_take_ranges() -> None:
+    import argparse
+
+    from deephemnma_bridge.cli.align import _use_modes
+    from deephemnma_bridge.nma.modes import parse_mode_numbers
+
+    assert parse_mode_numbers("7-12") == [7, 8, 9, 10, 11, 12]
+    assert parse_mode_numbers(" 7-9, 12 ") == [7, 8, 9, 12]
+    assert parse_mode_numbers("8") == [8]
+    for bad in ("9-7", "7,7", "0", "a-b", "", "7-8-9"):
+        with pytest.raises(ValueError):
+            parse_mode_numbers(bad)
+    assert _use_modes("AUTO") == "auto" and _use_modes("7-9") == [7, 8, 9]
+    with pytest.raises(argparse.ArgumentTypeError, match="7-12"):
+        _use_modes("seven")

@@ -18,6 +18,7 @@ PROBE = """
 import importlib.util, json, sys
 import deephemnma_bridge, deephemnma_bridge.adapters
 from deephemnma_bridge.adapters import read_particles, write_particles
+import deephemnma_bridge.api, deephemnma_bridge.cli, deephemnma_bridge.cli.relion_external
 spec = importlib.util.find_spec("adapters")
 print(json.dumps({
     "package": deephemnma_bridge.__file__,
@@ -42,6 +43,14 @@ def test_wheel_ships_adapters_under_the_package(tmp_path: Path) -> None:
     assert "deephemnma_bridge/adapters/__init__.py" in names
     assert "deephemnma_bridge/adapters/cryosparc.py" in names
     assert not [n for n in names if n.startswith("adapters/")]
+    # every package of the source tree is in the wheel (a list in pyproject.toml can miss one)
+    source = {
+        p.parent.relative_to(REPO).as_posix()
+        for p in (REPO / "deephemnma_bridge").rglob("__init__.py")
+        if "adapters" not in p.parts
+    }
+    shipped = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
+    assert source <= shipped, f"packages missing from the wheel: {sorted(source - shipped)}"
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["deephemnma_bridge"]
 

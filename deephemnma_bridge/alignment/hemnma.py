@@ -99,6 +99,9 @@ class AlignmentConfig:
     # candidates screened by this many steps at the first band, then only the best of each
     # particle is refined in full (0: every candidate gets the full round)
     screen_iterations: int = 10
+    # ... at this band (Å), with the template merged into at most search_max_blobs blobs (as
+    # the rigid search's): picking the best candidate needs no more (4YVS: 3.8x cheaper)
+    screen_resolution_angstrom: float = 10.0
     # population search: a second search of each batch with the reference deformed to the
     # centres (k-means) of the amplitudes its best-fitting half found, at the elastic
     # search's settings; a particle keeps the better of both passes (0: off)
@@ -133,6 +136,7 @@ class AlignmentConfig:
             (self.elastic_candidates >= 0, "elastic candidates must be >= 0"),
             (self.population_centres >= 0, "population centres must be >= 0"),
             (self.screen_iterations >= 0, "screening steps must be >= 0"),
+            (self.screen_resolution_angstrom > 0, "screening band must be > 0 Å"),
             (
                 self.amplitude_lr_angstrom is None
                 or all(v > 0 for v in self.amplitude_lr_angstrom),
@@ -776,9 +780,9 @@ def _refine_candidates(
         if per > 1 and 0 < screen < config.iterations[0]:
             # a short round for every candidate, then the full band for the best one only
             q, rot, org, ncc = _refine(
-                spec_all, ctf_all, reference, rot_all, org_all, q_all, config,
-                config.refine_resolution_angstrom[0], screen, box, pixel_size_angstrom,
-                rigid=rigid, amp_lr=_amplitude_lr(config, reference, 0),
+                spec_all, ctf_all, reference.coarsened(config.search_max_blobs), rot_all,
+                org_all, q_all, config, config.screen_resolution_angstrom, screen, box,
+                pixel_size_angstrom, rigid=rigid, amp_lr=_amplitude_lr(config, reference, 0),
             )  # fmt: skip
             best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
             q, rot, org, ncc, moving1 = _refine_until_settled(

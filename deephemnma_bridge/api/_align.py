@@ -266,6 +266,7 @@ def align(
     elastic_spacing_angstrom: float = 4.0,
     elastic_candidates: int = 2,
     screen_steps: int = 10,
+    screen_resolution_angstrom: float = 10.0,
     population_search: int = 0,
     amplitude_step_angstrom: Sequence[float] = (0.25, 0.1),
     max_rounds: int = 5,
@@ -330,7 +331,9 @@ def align(
     elastic_range_angstrom, elastic_spacing_angstrom, elastic_candidates
         The elastic search: deformed references up to this RMS displacement (0: off), their
         spacing, and orientations kept per deformed reference.
-    screen_steps, population_search, amplitude_step_angstrom, max_rounds
+    screen_steps, screen_resolution_angstrom
+        Candidates screened by this many steps at this band; the best refined in full.
+    population_search, amplitude_step_angstrom, max_rounds
         Refinement controls (see ``deephemnma align --help``).
     refine_resolution_angstrom, iterations : pair
         The two refinement bands and Adam steps per band.
@@ -460,6 +463,7 @@ def align(
         elastic_candidates=elastic_candidates,
         population_centres=population_search,
         screen_iterations=screen_steps,
+        screen_resolution_angstrom=screen_resolution_angstrom,
         amplitude_lr_angstrom=(amplitude_step_angstrom[0], amplitude_step_angstrom[-1]),
         max_rounds=max_rounds,
         refine_resolution_angstrom=(refine_resolution_angstrom[0], refine_resolution_angstrom[1]),

@@ -38,6 +38,7 @@ from ..api._align import (
     symmetry_group,
 )
 from ..errors import InputError
+from ..nma.modes import parse_mode_numbers
 
 __all__ = [
     "MAX_FINAL_ATOMS",
@@ -60,7 +61,12 @@ def _ints(text: str) -> list[int]:
 
 
 def _use_modes(text: str) -> str | list[int]:
-    return "auto" if text.strip().lower() == "auto" else _ints(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_mode_numbers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _symmetry(text: str) -> str:
@@ -91,8 +97,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--use-modes",
         type=_use_modes,
         default="auto",
-        help="mode numbers (e.g. 7,8,9), or auto (default): the --n-auto-modes lowest flexible "
-        "modes with a collectivity >= --min-collectivity",
+        help="mode numbers (e.g. 7,8,9 or 7-12), or auto (default): the --n-auto-modes lowest "
+        "flexible modes with a collectivity >= --min-collectivity",
     )
     p(
         "--min-collectivity",
@@ -170,6 +176,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=10,
         help="candidates screened by this many steps at the first band; only the best of each "
         "particle is refined in full (10; 0: every candidate gets the full band)",
+    )
+    p(
+        "--screen-resolution",
+        type=float,
+        default=10.0,
+        help="band of the screening steps, Å (10; the template merged into at most 1,500 "
+        "blobs, as the rigid search's)",
     )
     p(
         "--population-search",
@@ -260,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
         elastic_spacing_angstrom=args.elastic_spacing,
         elastic_candidates=args.elastic_candidates,
         screen_steps=args.screen_steps,
+        screen_resolution_angstrom=args.screen_resolution,
         population_search=args.population_search,
         amplitude_step_angstrom=args.amplitude_step,
         max_rounds=args.max_rounds,

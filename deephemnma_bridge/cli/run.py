@@ -25,6 +25,7 @@ import tomllib
 
 from ..api._pipeline import PipelineResult, run_stage
 from ..errors import InputError
+from ..nma.modes import parse_mode_numbers
 
 #: Every option of the pipeline with its default (None: required or computed).
 DEFAULTS: dict[str, Any] = {
@@ -249,6 +250,13 @@ def _numbers(key: str, text: str) -> list[int]:
         ) from None
 
 
+def _mode_numbers(text: str) -> list[int]:
+    try:
+        return parse_mode_numbers(text)
+    except ValueError as exc:
+        raise InputError(f"--use-modes: {exc}") from None
+
+
 def pipeline_from_options(
     opts: dict[str, Any],
     out: Path,
@@ -267,9 +275,7 @@ def pipeline_from_options(
         out=out,
         model=opts.get("model") or None,
         modes=opts.get("modes") or None,
-        use_modes="auto"
-        if use_modes.strip().lower() == "auto"
-        else _numbers("use_modes", use_modes),
+        use_modes="auto" if use_modes.strip().lower() == "auto" else _mode_numbers(use_modes),
         n_modes=int(opts["n_modes"]),
         n_train=opts["n_train"],
         seed=int(opts["seed"]),

@@ -61,6 +61,7 @@ __all__ = [
     "collectivity",
     "compute_normal_modes",
     "fix_signs",
+    "parse_mode_numbers",
     "rigid_body_basis",
     "rtb_projection",
     "select_collective_modes",
@@ -238,6 +239,28 @@ def check_modes_match(modes: NormalModes, recorded: str, modes_path: Any, what: 
             f"--modes {modes_path} is not the modes file {what} used (nodes:radius of gyration "
             f"{ours} here, {recorded} there); give the modes file of the same model"
         )
+
+
+def parse_mode_numbers(text: str) -> list[int]:
+    """Mode numbers written as ``7,8,9``, ``7-12`` or ``7-9,12`` (ranges inclusive).
+
+    Raises ``ValueError`` (with what was expected) for anything else, a number below 1 or a
+    mode named twice."""
+    values: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        try:
+            first, last = int(low), int(high) if dash else int(low)
+        except ValueError:
+            raise ValueError(f"expected mode numbers like 7,8,9 or 7-12, got {text!r}") from None
+        if last < first:
+            raise ValueError(f"mode range {part!r} runs backwards in {text!r}")
+        values.extend(range(first, last + 1))
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        raise ValueError(f"mode numbers must be distinct and >= 1, got {text!r}")
+    return values
 
 
 def collectivity(
