@@ -20,9 +20,11 @@
    whose true orientation is within 15° of one of the k, and the median confidence of the
    particles it got right (< 15°) and wrong.
 4. Inference throughput on every simulated particle: end to end (``deephemnma predict``:
-   stack -> STAR, the loop's rate as the command prints it) and the bare network forward pass
-   on a tensor of the same size and batch (``--infer-batch``), alternated twice in the same
-   run; medians and their ratio.
+   stack -> STAR, the loop's rate as the command prints it) and the bare forward pass of the
+   same network (the checkpoint's architecture and weights, eval, no grad) on a random tensor
+   of the same size and batch (``--infer-batch``), alternated ``--runs`` (2) times in the same
+   run; medians, their ratio and the load averages. ``--throughput-only`` runs just this step
+   with an existing ``--work``/``--net`` on ``--particles`` (default ``--work``/sim).
 
     python benchmarks/bench_network.py [--n-train 2000] [--n-test 500] [--epochs 15]
         [--augment] [--refine 40] [--work DIR]   (a DIR of an earlier run reuses its
@@ -31,12 +33,15 @@
     python benchmarks/bench_network.py --n-train 1000 --n-test 500 --epochs 30 \
         --batch-size 64 --refine 20 --net net_direct --train-args "--orientation-head grid \
         --modes MODES --synthetic-epochs 30 --synthetic-batches 100 --lr 1e-3 --lr-step 20"
+    # step 4 alone, on an earlier run's network and particles:
+    python benchmarks/bench_network.py --work DIR --net net_direct --throughput-only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import shutil
@@ -52,7 +57,6 @@ import torch
 
 from deephemnma_bridge.adapters import read_particles
 from deephemnma_bridge.evaluation import ground_truth_errors
-from deephemnma_bridge.training.model import DeepHEMNMANet
 from deephemnma_bridge.training.trainer import load_checkpoint
 
 CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
@@ -112,9 +116,25 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=4, help="grid head: candidates scored")
     parser.add_argument("--net", default="net", help="network folder name under --work")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only step 4, with the network --work/--net (trained already) on --particles",
+    )
+    parser.add_argument(
+        "--particles", type=Path, default=None, help="--throughput-only: (--work/sim/particles)"
+    )
+    parser.add_argument("--runs", type=int, default=2, help="throughput: alternations")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_network_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.throughput_only:
+        net, particles = work / args.net, args.particles or work / "sim" / "particles.star"
+        for need in (net, particles):
+            if not need.exists():
+                raise SystemExit(f"--throughput-only: {need} does not exist (--work, --net)")
+        throughput(net, particles, work / "throughput", args.infer_batch, args.runs)
+        return
     n = args.n_train + args.n_test
     print(f"work dir {work}; {torch.get_num_threads()} threads; {n} particles", flush=True)
     sim = work / "sim"
@@ -213,7 +233,7 @@ def main() -> None:
                 f"{CPU['hemnma'] / args.n_test:.3f} (run just before): "
                 f"{CPU[name] / CPU['hemnma']:.2f}x (target <= 0.5x)"
             )
-    throughput(net, sim / "particles.star", work / "throughput", args.infer_batch)
+    throughput(net, sim / "particles.star", work / "throughput", args.infer_batch, args.runs)
 
 
 def topk_report(net: Path, particles: Path, k: int) -> None:
@@ -261,9 +281,12 @@ def topk_report(net: Path, particles: Path, k: int) -> None:
     )
 
 
-def bare_forward(size: int, batch: int, seconds: float = 5.0) -> float:
-    """Images/s of the bare network (eval, no grad) on one reused random batch."""
-    model = DeepHEMNMANet(9).eval()
+def bare_forward(net: Path, batch: int, seconds: float = 5.0) -> float:
+    """Images/s of the checkpoint's own network (its architecture and weights: grid or
+    quaternion head, backbone) in eval mode without gradients, on one reused random batch at
+    its input size: no reading, preprocessing, decoding or writing."""
+    model, meta = load_checkpoint(net)
+    size = int(meta["preprocess"]["output_size_px"] or meta["box_size_px"])
     x = torch.randn(batch, 1, size, size)
     with torch.no_grad():
         model(x)
@@ -275,14 +298,16 @@ def bare_forward(size: int, batch: int, seconds: float = 5.0) -> float:
     return reps * batch / (time.perf_counter() - t0)
 
 
-def throughput(net: Path, particles: Path, out: Path, batch: int) -> None:
-    """End to end (``predict`` on every simulated particle: stack -> STAR, the loop's rate
-    as the command prints it) against the bare forward pass, alternated twice, medians."""
+def throughput(net: Path, particles: Path, out: Path, batch: int, runs: int = 2) -> None:
+    """End to end (``predict`` on every particle: stack -> STAR, the loop's rate as the
+    command prints it) against the bare forward pass of the same network (`bare_forward`),
+    alternated ``runs`` times, medians; the load averages before and after."""
     _, ckpt = load_checkpoint(net)
-    size = int(ckpt["preprocess"]["output_size_px"])
+    size = int(ckpt["preprocess"]["output_size_px"] or ckpt["box_size_px"])
     ends, bares = [], []
-    for _ in range(2):
-        bares.append(bare_forward(size, batch))
+    load = os.getloadavg()
+    for _ in range(runs):
+        bares.append(bare_forward(net, batch))
         fresh(out)
         argv = ["predict", str(particles), "--checkpoint", str(net), "--out", str(out)]
         printed = cli([*argv, "--batch-size", str(batch), "--device", "cpu"])
@@ -290,11 +315,15 @@ def throughput(net: Path, particles: Path, out: Path, batch: int) -> None:
         assert rate is not None, printed
         ends.append(float(rate.group(1)))
     end, bare = float(np.median(ends)), float(np.median(bares))
+    paired = float(np.median([e / b for e, b in zip(ends, bares, strict=True)]))
+    after = os.getloadavg()
     print(
         f"inference: end to end {end:.0f} particles/s (stack -> STAR, predict loop; runs "
         f"{', '.join(f'{v:.0f}' for v in ends)}), bare forward {bare:.0f} images/s (runs "
-        f"{', '.join(f'{v:.0f}' for v in bares)}) at {size} px, batch {batch}: "
-        f"{100 * end / bare:.0f} % (target >= 90 %)"
+        f"{', '.join(f'{v:.0f}' for v in bares)}) at {size} px, batch {batch}, "
+        f"{torch.get_num_threads()} threads: {100 * end / bare:.0f} % (target >= 90 %; median "
+        f"of each run's ratio to the bare pass just before it {100 * paired:.0f} %); load "
+        f"average (1 min) {load[0]:.2f} before, {after[0]:.2f} after on {os.cpu_count()} CPUs"
     )
 
 

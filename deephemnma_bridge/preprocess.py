@@ -30,6 +30,7 @@ torch.Size([2, 32, 32])
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -133,21 +134,66 @@ def fourier_crop(images: torch.Tensor, output_size_px: int) -> torch.Tensor:
         raise InputError(f"cannot Fourier-crop {n_in} px images to a larger size {n} px")
     if n == n_in:
         return images
-    spec = _crop_spectrum(torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1))), n_in, n)
-    out = torch.fft.irfft2(spec, s=(n, n)) * (n * n) / (n_in * n_in)
-    return torch.fft.fftshift(out, dim=(-2, -1))
+    spec = _crop_spectrum(torch.fft.rfft2(images), n_in, n)
+    spec = spec * _spectrum_weights(n_in, n, None, None, spec.device, spec.real.dtype)
+    phase = _centre_phase(n_in, n, spec.device, spec.dtype)
+    if phase is not None:
+        spec = spec * phase
+    return torch.fft.irfft2(spec, s=(n, n))
 
 
 def _crop_spectrum(spec: torch.Tensor, n_in: int, n: int) -> torch.Tensor:
-    """The ``rfft2`` half-plane of an ``n_in`` image cropped to that of an ``n`` image."""
-    rows = torch.cat([torch.arange(0, (n + 1) // 2), torch.arange(n_in - n // 2, n_in)])
-    cropped = spec[..., rows.to(spec.device), : n // 2 + 1]
-    if n % 2 == 0:
-        # the new Nyquist row and column would alias +k and -k: drop them
-        cropped = cropped.clone()
-        cropped[..., n // 2, :] = 0
-        cropped[..., :, n // 2] = 0
-    return cropped
+    """The ``rfft2`` half-plane of an ``n_in`` image cropped to that of an ``n`` image (the
+    new Nyquist row and column of an even ``n`` are zeroed by `_spectrum_weights`)."""
+    if n == n_in:
+        return spec
+    top = spec[..., : (n + 1) // 2, : n // 2 + 1]
+    bottom = spec[..., n_in - n // 2 :, : n // 2 + 1]
+    return torch.cat([top, bottom], dim=-2)
+
+
+@functools.lru_cache(maxsize=32)
+def _spectrum_weights(
+    n_in: int,
+    n: int,
+    pixel_size_angstrom: float | None,
+    lowpass_angstrom: float | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The real weights (n, n//2+1) of the cropped ``rfft2`` grid that do not depend on the
+    particle: the mean-keeping scale (n/n_in)^2, zero on the new Nyquist row and column of an
+    even ``n < n_in`` (they would alias +k and -k) and the low-pass at ``lowpass_angstrom``
+    (pixels of ``pixel_size_angstrom``, the output's), if any."""
+    w = torch.full((n, n // 2 + 1), n * n / (n_in * n_in), device=device, dtype=dtype)
+    if n < n_in and n % 2 == 0:
+        w[n // 2, :] = 0
+        w[:, n // 2] = 0
+    if lowpass_angstrom is not None:
+        assert pixel_size_angstrom is not None
+        w = w * _lowpass_weights(n, pixel_size_angstrom, lowpass_angstrom, device, dtype)
+    return w
+
+
+@functools.lru_cache(maxsize=32)
+def _centre_phase(
+    n_in: int, n: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The phase (n, n//2+1) that moves the centre pixel (n_in//2, n_in//2) of an ``n_in``
+    image to (n//2, n//2) of the cropped one, on its ``rfft2`` grid; None when it is 1 (both
+    sizes even, or the same size): the transforms need no ``ifftshift`` / ``fftshift``.
+
+    Shifting the input by -n_in//2 (``ifftshift``) multiplies frequency k (cycles per box,
+    signed) by exp(2 pi i k (n_in//2) / n_in), shifting the output by +n//2 (``fftshift``)
+    by exp(-2 pi i k (n//2) / n): together exp(2 pi i k a), a = (n_in//2)/n_in - (n//2)/n,
+    on both axes."""
+    a = (n_in // 2) / n_in - (n // 2) / n
+    if a == 0:
+        return None
+    ky = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64)[:, None]
+    kx = torch.fft.rfftfreq(n, d=1.0 / n, dtype=torch.float64)[None, :]
+    angle = 2 * math.pi * a * (ky + kx)
+    return torch.polar(torch.ones_like(angle), angle).to(device=device, dtype=dtype)
 
 
 def circular_mask(
@@ -219,17 +265,18 @@ def preprocess_images(
     pix = output_pixel_size(pixel_size_angstrom, n_in, config)
     if config.phase_flip or n != n_in or config.lowpass_angstrom is not None:
         # steps 1-3 in one pass through Fourier space: the phase flip and the low-pass are
-        # evaluated on the cropped grid, whose frequencies are the input's (k = i / (n pix))
-        spec = torch.fft.rfft2(torch.fft.ifftshift(x, dim=(-2, -1)))
-        if n != n_in:
-            spec = _crop_spectrum(spec, n_in, n)
+        # evaluated on the cropped grid, whose frequencies are the input's (k = i / (n pix));
+        # the centring is a phase there (`_centre_phase`), mostly none
+        spec = _crop_spectrum(torch.fft.rfft2(x), n_in, n)
+        weights = _spectrum_weights(n_in, n, pix, config.lowpass_angstrom, x.device, x.dtype)
         if ctf is not None and config.phase_flip:
             sign = ctf_2d(ctf.to(x.device), box_size_px=n, pixel_size_angstrom=pix)
-            spec = spec * torch.where(sign < 0, -1.0, 1.0).to(x.dtype)
-        if config.lowpass_angstrom is not None:
-            spec = spec * _lowpass_weights(n, pix, config.lowpass_angstrom, x.device, x.dtype)
-        x = torch.fft.irfft2(spec, s=(n, n)) * (n * n / (n_in * n_in))
-        x = torch.fft.fftshift(x, dim=(-2, -1))
+            weights = torch.where(sign < 0, -weights, weights)  # (B, n, n//2+1)
+        spec = spec * weights
+        phase = _centre_phase(n_in, n, x.device, spec.dtype)
+        if phase is not None:
+            spec = spec * phase
+        x = torch.fft.irfft2(spec, s=(n, n))
     radius = config.mask_radius_fraction * n / 2
     if config.normalise != "none":
         if config.normalise == "background":

@@ -208,6 +208,8 @@ def predict(
                 "extract them with the training box and pixel size"
             )
         nets.append((model.to(dev), meta, spec))
+        if spec.grid is not None:
+            spec.grid.prepare_decode()  # the decoding's one-off set-up (`decode` runs on CPU)
     provides = {p: k for k, (_, _, spec) in enumerate(nets) for p in spec.parts}
     mode_numbers: list[int] = []
     if "amplitudes" in provides:

@@ -80,10 +80,14 @@ class ParticleBatches(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
 
     def __getitem__(self, positions: Sequence[int]) -> tuple[torch.Tensor, ...]:
         pos = np.asarray(positions, dtype=np.int64)
-        order = np.argsort(self.rows[pos], kind="stable")  # read the stacks in file order
-        read = self.source.read(self.rows[pos][order])
-        images = np.empty_like(read)
-        images[order] = read
+        rows = self.rows[pos]
+        if np.all(rows[1:] >= rows[:-1]):  # in file order already (inference): no reordering
+            images = self.source.read(rows)
+        else:
+            order = np.argsort(rows, kind="stable")  # read the stacks in file order
+            read = self.source.read(rows[order])
+            images = np.empty_like(read)
+            images[order] = read
         labels = (
             torch.zeros(len(pos), 0) if self.labels is None else torch.as_tensor(self.labels[pos])
         )
