@@ -61,6 +61,15 @@ def test_model_outputs_and_no_download() -> None:
     assert net.backbone.conv1.in_channels == 1
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenetv3_small_100", "efficientnet_b0"])
+def test_other_timm_backbones(backbone: str) -> None:
+    # mobilenetv3's pooled output (1024) is wider than its num_features (576): the head must
+    # be sized from what the backbone returns
+    net = DeepHEMNMANet(n_outputs=9, backbone=backbone).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 9)
+
+
 def test_targets_round_trip_and_sign_free_quaternion_loss() -> None:
     rng = np.random.default_rng(0)
     amps = rng.normal(size=(20, 3)) * [10, 5, 2]

@@ -15,6 +15,7 @@ torch.Size([2, 9])
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import timm
 import torch
@@ -43,7 +44,10 @@ class DeepHEMNMANet(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0)
-        features = int(self.backbone.num_features)  # type: ignore[arg-type]
+        # the pooled features' width: num_features, or head_hidden_size where timm puts a
+        # pre-logits layer after them (mobilenetv3_small_100: 576 -> 1024)
+        bb: Any = self.backbone
+        features = int(getattr(bb, "head_hidden_size", None) or bb.num_features)
         self.grid_slice = grid_slice
         n_grid = 0 if grid_slice is None else grid_slice[1] - grid_slice[0]
         if grid_slice is not None and not 0 <= grid_slice[0] < grid_slice[1] <= n_outputs:
