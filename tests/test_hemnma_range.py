@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +37,20 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.warns(UserWarning):
         assert main([*argv, "--device", "cpu"]) == 0
     return out
+
+
+def _wide_inputs(wide: Path) -> tuple[Any, ReferenceModel, torch.Tensor, torch.Tensor]:
+    """The wide set's table, its node reference (modes 7-9), spectra and full CTFs."""
+    from deephemnma_bridge.alignment.ctf import ctf_2d
+
+    t = read_particles(wide / "particles.star")
+    modes = NormalModes.load(wide / "modes.npz").select(MODES)
+    ref = ReferenceModel.from_modes(modes.coordinates, modes.vectors, MODES, template="nodes")
+    rows = np.arange(len(t))
+    images = torch.tensor(ParticleImages(t).read(rows))
+    spectra = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+    c = ctf_2d(CTFParams.from_table(t, rows), box_size_px=64, pixel_size_angstrom=1.3)
+    return t, ref, spectra, c
 
 
 def _truth(table: object) -> np.ndarray:
@@ -104,16 +119,7 @@ def test_particles_left_at_a_limit_are_flagged(wide: Path, tmp_path: Path) -> No
 
 
 def test_the_elastic_search_starts_from_the_particles_shape(wide: Path) -> None:
-    t = read_particles(wide / "particles.star")
-    modes = NormalModes.load(wide / "modes.npz").select(MODES)
-    ref = ReferenceModel.from_modes(modes.coordinates, modes.vectors, MODES, template="nodes")
-    rows = np.arange(len(t))
-    images = torch.tensor(ParticleImages(t).read(rows))
-    spectra = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
-    ctf = CTFParams.from_table(t, rows)
-    from deephemnma_bridge.alignment.ctf import ctf_2d
-
-    c = ctf_2d(ctf, box_size_px=64, pixel_size_angstrom=1.3)
+    t, ref, spectra, c = _wide_inputs(wide)
     config = AlignmentConfig(elastic_spacing_angstrom=4.0, elastic_range_angstrom=8.0)
     library = SearchLibrary.build(ref, config, 64, 1.3, "cpu")
     assert library.elastic is not None and library.elastic.starts is not None
@@ -150,18 +156,11 @@ def test_cpu_threads_do_not_oversubscribe_a_busy_machine(monkeypatch: pytest.Mon
 def test_screening_at_a_coarse_band_keeps_the_right_candidate(wide: Path) -> None:
     """Each particle's true pose among two wrong ones: a few steps at the screening band (10 Å,
     the template merged into a few blobs) pick it; the settings are checked."""
-    from deephemnma_bridge.alignment.ctf import ctf_2d
     from deephemnma_bridge.alignment.hemnma import _refine_candidates
     from deephemnma_bridge.conventions import angle_between_rotations_degrees, euler_to_matrix
     from deephemnma_bridge.errors import InputError
 
-    t = read_particles(wide / "particles.star")
-    modes = NormalModes.load(wide / "modes.npz").select(MODES)
-    ref = ReferenceModel.from_modes(modes.coordinates, modes.vectors, MODES, template="nodes")
-    rows = np.arange(len(t))
-    images = torch.tensor(ParticleImages(t).read(rows))
-    spectra = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
-    c = ctf_2d(CTFParams.from_table(t, rows), box_size_px=64, pixel_size_angstrom=1.3)
+    t, ref, spectra, c = _wide_inputs(wide)
     e = t.extra
     true = euler_to_matrix(np.stack([e[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1))
     origins = np.stack([e["dhnTrueOriginXAngst"], e["dhnTrueOriginYAngst"]], 1)
