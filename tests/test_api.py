@@ -29,6 +29,7 @@ FAST_ALIGN = {
 FAST_PIPELINE = {
     "n_train": 12,
     "epochs": 1,
+    "synthetic_batches": 2,
     "size_px": 32,
     "align_working_size_px": 32,
     "align_iterations": (4, 2),
@@ -213,14 +214,13 @@ def test_cryosparc_example_on_the_api_with_a_fake_server(
 def test_pipeline_with_the_grid_head_trained_on_simulated_images(
     sim: api.SimulationResult, tmp_path: Path
 ) -> None:
-    """The demo's path: the network learns from images rendered from the reference (a couple
-    of tiny synthetic batches here), predict refines its top 4 and writes _dhnConfidence."""
+    """The default path (the demo's): the network learns from images rendered from the
+    reference (a couple of tiny synthetic batches here), predict refines its top 4 and writes
+    _dhnConfidence."""
     result = api.run_pipeline(
         sim.particles,
         modes=sim.modes,
         out=tmp_path / "grid",
-        orientation_head="grid",
-        synthetic_batches=2,
         batch_size=8,
         refine_steps=2,
         log=None,

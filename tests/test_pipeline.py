@@ -32,6 +32,7 @@ PIPELINE_31 = "relion/starfile/default_pipeline.star"  # via shared(): skipped w
 FAST = {
     "n_train": 24,
     "epochs": 1,
+    "synthetic_batches": 2,  # the grid head's simulated images: 2 batches of 64 per epoch
     "size": 32,
     "align_working_size": 64,
     "align_iterations": "5,5",

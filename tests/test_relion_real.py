@@ -59,6 +59,7 @@ JOB_PARAMS = {  # the cheapest full pipeline: 24 particles aligned, one epoch of
     "modes": "Simulated/modes.npz",
     "n_train": "24",
     "epochs": "1",
+    "synthetic_batches": "2",
     "size": "32",
     "align_iterations": "5,5",
     "search_step": "30",

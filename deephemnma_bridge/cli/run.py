@@ -50,8 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "groups": "bins",
     "min_count": None,
     "n_groups": 4,
-    "refine": 0,
-    "orientation_head": "quaternion",
+    "refine": 20,
+    "orientation_head": "grid",
     "synthetic_batches": 100,
     "device": "auto",
     "workers": -1,
@@ -118,14 +118,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--refine",
         type=int,
         default=None,
-        help="HEMNMA steps after prediction (0: off; with the grid head from its top 4)",
+        help="HEMNMA steps after prediction (20; 0: off; with the grid head from its top 4)",
     )
     p(
         "--orientation-head",
         choices=["grid", "quaternion"],
         default=None,
-        help="quaternion: the paper's network, on the HEMNMA labels only (default); grid: "
-        "trained on fresh simulated images with the SO(3) grid head (better; see README)",
+        help="grid (default): trained on fresh simulated images with the SO(3) grid head; "
+        "quaternion: the paper's network, on the HEMNMA labels only (see README)",
     )
     p("--synthetic-batches", type=int, default=None, help="batches per synthetic epoch (100)")
     p("--device", default=None, help="auto, cpu or cuda")
