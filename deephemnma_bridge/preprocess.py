@@ -134,9 +134,18 @@ def fourier_crop(images: torch.Tensor, output_size_px: int) -> torch.Tensor:
         raise InputError(f"cannot Fourier-crop {n_in} px images to a larger size {n} px")
     if n == n_in:
         return images
-    spec = _crop_spectrum(torch.fft.rfft2(images), n_in, n)
-    spec = spec * _spectrum_weights(n_in, n, None, None, spec.device, spec.real.dtype)
-    phase = _centre_phase(n_in, n, spec.device, spec.dtype)
+    return _crop_filtered(
+        images, n, _spectrum_weights(n_in, n, None, None, images.device, images.dtype)
+    )
+
+
+def _crop_filtered(images: torch.Tensor, n: int, weights: torch.Tensor) -> torch.Tensor:
+    """Real ``images`` (..., n_in, n_in) Fourier-cropped to ``n`` px, their cropped ``rfft2``
+    multiplied by ``weights`` (..., n, n//2+1) (`_spectrum_weights`, perhaps signed by a
+    CTF), centre kept at (n//2, n//2) (`_centre_phase`)."""
+    n_in = images.shape[-1]
+    spec = _crop_spectrum(torch.fft.rfft2(images), n_in, n) * weights
+    phase = _centre_phase(n_in, n, images.device, spec.dtype)
     if phase is not None:
         spec = spec * phase
     return torch.fft.irfft2(spec, s=(n, n))
@@ -267,16 +276,11 @@ def preprocess_images(
         # steps 1-3 in one pass through Fourier space: the phase flip and the low-pass are
         # evaluated on the cropped grid, whose frequencies are the input's (k = i / (n pix));
         # the centring is a phase there (`_centre_phase`), mostly none
-        spec = _crop_spectrum(torch.fft.rfft2(x), n_in, n)
         weights = _spectrum_weights(n_in, n, pix, config.lowpass_angstrom, x.device, x.dtype)
         if ctf is not None and config.phase_flip:
             sign = ctf_2d(ctf.to(x.device), box_size_px=n, pixel_size_angstrom=pix)
             weights = torch.where(sign < 0, -weights, weights)  # (B, n, n//2+1)
-        spec = spec * weights
-        phase = _centre_phase(n_in, n, x.device, spec.dtype)
-        if phase is not None:
-            spec = spec * phase
-        x = torch.fft.irfft2(spec, s=(n, n))
+        x = _crop_filtered(x, n, weights)
     radius = config.mask_radius_fraction * n / 2
     if config.normalise != "none":
         if config.normalise == "background":

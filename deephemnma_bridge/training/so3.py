@@ -110,9 +110,7 @@ class OrientationGrid:
         grid (`prepare_decode`); larger grids and separations are decoded over every bin
         instead (`_tabled`), with the same result."""
         k = max(1, min(k, self.size))
-        sep_degrees = 2 * self.step_degrees if separation_degrees is None else separation_degrees
-        sep = math.radians(sep_degrees)
-        near = math.radians(1.5 * self.step_degrees)
+        near, sep = self._radii(separation_degrees)
         p = torch.softmax(logits.float(), dim=-1)  # (B, G)
         if self._tabled(near, sep):
             q, mass = self._decode_table(p, k, near, sep)
@@ -131,10 +129,15 @@ class OrientationGrid:
     ) -> None:
         """Build now what `decode` (with this separation, logits on ``device``) builds at its
         first call: the grid's neighbour table (about 0.2 s of CPU at 15°)."""
-        sep_degrees = 2 * self.step_degrees if separation_degrees is None else separation_degrees
-        sep, near = math.radians(sep_degrees), math.radians(1.5 * self.step_degrees)
+        near, sep = self._radii(separation_degrees)
         if self._tabled(near, sep):
             self._neighbours(near, sep, torch.device(device))
+
+    def _radii(self, separation_degrees: float | None) -> tuple[float, float]:
+        """(near, sep) radians of `decode`: the mass of a candidate is read within 1.5 steps,
+        and candidates are more than ``separation_degrees`` (default two steps) apart."""
+        sep_degrees = 2 * self.step_degrees if separation_degrees is None else separation_degrees
+        return math.radians(1.5 * self.step_degrees), math.radians(sep_degrees)
 
     def _tabled(self, near: float, sep: float) -> bool:
         """Whether `decode` uses a neighbour table: a grid of at most `NEIGHBOUR_TABLE_MAX`
@@ -151,9 +154,9 @@ class OrientationGrid:
         free = torch.ones_like(p, dtype=torch.bool)  # bins a next candidate may sit on
         claimed = torch.zeros_like(p, dtype=torch.bool)  # bins an earlier candidate averaged
         quats, masses = [], []
+        exact = self._exact(p.device)
         for _ in range(k):
             idx = torch.where(free, p, torch.full_like(p, -1.0)).argmax(dim=-1)  # (B,)
-            exact = self._exact(p.device)
             dot = _dots(exact[idx, None], exact)  # (B, G) float64
             inside = _within(dot, near)
             w = p * (inside & ~claimed)
