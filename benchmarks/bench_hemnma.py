@@ -30,7 +30,10 @@ Cases (``--cases default,large,mix,range,scale,threads``; default: ``default``):
 * ``range``: ``simulate --max-rms 8`` (helix) recovered with r >= 0.98 per mode on adenylate
   kinase (modes 7-9) and on 7PBL (the modes ``--use-modes auto`` picks, 8-10; 128 px at 1.5 Å;
   skipped with ``--quick``), median angle printed. Aligned with ``--range-args`` (default
-  ``--population-search 2 --candidates 5 --elastic-candidates 4 --screen-steps 25``).
+  ``--population-search 2 --candidates 5 --elastic-candidates 4 --screen-steps 25``); 7PBL, a
+  pseudo-hexamer, also with ``--symmetry C6 --symmetry-search`` when align lists them, scored on
+  the poses as found (the folding undone with ``_dhnSymmetryElement``). ``--range-models``
+  (``adk,7pbl``) picks the models.
 * ``large``: also prints the deformation model's floor: the modes' best geometric fit of the
   closed nodes, and particles refined from their true poses with those amplitudes frozen.
 * ``scale``: 4YVS (26k atoms, 128 px at 1.8 Å, modes 7-9, 3 Å RMS): <= 1.5 CPU-s per particle
@@ -87,6 +90,8 @@ RANGE_ALIGN = (
     "--population-search", "2", "--candidates", "5", "--elastic-candidates", "4",
     "--screen-steps", "25",
 )  # fmt: skip
+#: --symmetry of the range case's pseudo-symmetric models (when align lists the option)
+RANGE_SYMMETRY: dict[str, str] = {"7PBL 8A RMS": "C6"}
 CASES = ("default", "large", "mix", "range", "scale", "threads")
 LARGE_MODES = [7, 8, 9, 10, 11, 12]
 CHECKS: list[dict[str, Any]] = []
@@ -172,8 +177,31 @@ def errors(table: ParticleTable) -> dict[str, float]:
         return ground_truth_errors(table)["all"]
 
 
+def unfolded(aligned: Path) -> ParticleTable:
+    """The aligned table with the poses the search found: an ``align --symmetry`` run writes
+    ``A g`` (folded) and ``_dhnSymmetryElement`` (which g; the group is in alignment.json), so
+    ``A`` is ``(A g) g^T``: the pose its amplitudes belong to."""
+    table = read_particles(aligned)
+    if "dhnSymmetryElement" not in table.extra or table.rotation_matrices is None:
+        return table
+    info = json.loads((aligned.parent / "alignment.json").read_text())["symmetry"]
+    group = np.asarray(info["group"], dtype=np.float64)
+    g = group[np.asarray(table.extra["dhnSymmetryElement"], dtype=np.int64)]
+    return table.with_poses(
+        np.einsum("nij,nkj->nik", table.rotation_matrices, g), table.shifts_angstrom
+    )
+
+
+def true_angles(table: ParticleTable) -> NDArray[np.float64]:
+    """Angle (°) of every particle's pose to its true pose."""
+    e = table.extra
+    true = euler_to_matrix(np.stack([e[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1))
+    assert table.rotation_matrices is not None
+    return np.asarray(angle_between_rotations_degrees(table.rotation_matrices, true))
+
+
 def scores(aligned: Path) -> dict[str, float]:
-    return errors(read_particles(aligned))
+    return errors(unfolded(aligned))
 
 
 def row(name: str, n: int, s: dict[str, float], cpu: float, wall: float) -> None:
@@ -469,27 +497,65 @@ def case_range(work: Path, args: argparse.Namespace) -> None:
 
     header()
     n = args.n_range
-    runs: list[tuple[str, list[str], tuple[int, ...]]] = [("AdK 8A RMS", [], (7, 8, 9))]
-    if not args.quick:
+    models = [m.strip().lower() for m in args.range_models.split(",") if m.strip()]
+    unknown = sorted(set(models) - {"adk", "7pbl"})
+    if unknown:
+        raise SystemExit(f"--range-models: unknown {unknown}; choose among adk,7pbl")
+    runs: list[tuple[str, list[str], tuple[int, ...]]] = []
+    if "adk" in models:
+        runs.append(("AdK 8A RMS", [], (7, 8, 9)))
+    if "7pbl" in models and not args.quick:
         # the modes align's --use-modes auto takes (7PBL's mode 7 moves one loop: collectivity
         # 0.001, invisible in an image at any amplitude)
         modes = work / "modes_7pbl.npz"
         if not modes.exists():
             run(["modes", str(DATA / "7pbl.pdb"), "--out", str(modes)])
-        m = NormalModes.load(modes)
-        use = tuple(select_collective_modes(m.mode_numbers, m.collectivity))
+        loaded = NormalModes.load(modes)
+        use = tuple(select_collective_modes(loaded.mode_numbers, loaded.collectivity))
         sim_args = ["--modes", str(modes), "--use-modes", ",".join(map(str, use))]
         runs.append(("7PBL 8A RMS", [*sim_args, "--box", "128", "--pixel-size", "1.5"], use))
     print(f"  range    align options: {args.range_args or '(defaults)'}")
+    helped = subprocess.run([*CLI, "align", "--help"], capture_output=True, text=True).stdout
+    sym = "--symmetry-search" in helped
     for name, sim_args, use in runs:
+        # 7PBL is a pseudo-symmetric hexamer (its modes break the symmetry): with
+        # --symmetry-search the elastic search also tries the equivalent poses of its best
+        # candidate
+        extra = (
+            ["--symmetry", RANGE_SYMMETRY[name], "--symmetry-search"]
+            if sym and name in RANGE_SYMMETRY
+            else []
+        )
+        print(f"  range    {name.split()[0]}: symmetry {extra[1] if extra else 'none (C1)'}")
         s, _, _ = case(
-            work, name, n, [*sim_args, "--max-rms", "8"], args.range_args.split(), args.device, use
+            work,
+            name,
+            n,
+            [*sim_args, "--max-rms", "8"],
+            [*args.range_args.split(), *extra],
+            args.device,
+            use,
         )
         for m in use:
             check(
                 "range", f"{name.split()[0]}: amplitude r, mode {m} (n={n})", s[f"r{m}"], ">=", 0.98
             )
-        print(f"  range    {name.split()[0]}: median angle {s['angle_median']:.2f}°")
+        slug = name.replace(" ", "_")
+        angle = true_angles(unfolded(work / f"align_{slug}" / "particles.star"))
+        far = angle > 20.0  # 7PBL: a pseudo-symmetric copy (60° or 120° away) or a wrong view
+        print(
+            f"  range    {name.split()[0]}: median angle {s['angle_median']:.2f}° (poses as "
+            f"found, unfolded); {int(far.sum())} of {n} particles more than 20° off"
+            + (f" (at {', '.join(f'{a:.0f}°' for a in np.sort(angle[far]))})" if far.any() else "")
+        )
+        info = json.loads((work / f"align_{slug}" / "alignment.json").read_text())["symmetry"]
+        if info.get("search"):
+            print(
+                f"  range    {name.split()[0]}: {info['n_moved_by_search']} particles moved to "
+                f"an equivalent pose by the {info['symbol']} search (deviation "
+                f"{info['deviation_angstrom']:.2f} Å, half-step "
+                f"{info.get('half_step_deviation_angstrom')} Å)"
+            )
 
 
 def c5_group(structure: Path) -> np.ndarray:
@@ -626,6 +692,12 @@ def main() -> None:
         default=" ".join(RANGE_ALIGN),
         help=f"align options of the range case (default: {' '.join(RANGE_ALIGN)!r}; '' for "
         "align's defaults)",
+    )
+    parser.add_argument(
+        "--range-models",
+        default="adk,7pbl",
+        help="models of the range case, comma-separated: adk, 7pbl (default both; 7pbl is "
+        "skipped with --quick)",
     )
     parser.add_argument("--n-large", type=int, default=None, help="large case (300; quick 48)")
     parser.add_argument("--n-mix", type=int, default=None, help="mix case, both halves (400; 64)")

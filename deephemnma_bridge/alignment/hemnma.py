@@ -32,6 +32,17 @@ is multiplied by the particle's CTF; with ``ctf="flip"`` (the reference implemen
 mode) the image is phase-flipped and the template is not CTF-modulated, which roughly
 doubles the angular error (METHOD.md section 8).
 
+Pseudo-symmetric references (``symmetry``, `SymmetryCopies`): when the complex is nearly
+Cn/Dn-symmetric but its motion is not, a particle can settle on an equivalent pose ``A g`` of its
+true pose ``A``, with amplitudes that describe another copy's motion. With a group given, each
+particle's best candidate (after the screening steps) is expanded into its |G| equivalent poses
+``A g``, each starting from the amplitudes mapped onto that copy (`SymmetryCopies.build`),
+refined by the screening steps at the screening band; the one with the highest similarity goes
+on through the full refinement. When that is not the candidate's own pose, both are refined in
+full and the better final fit is kept (the coarse band can be misled: a particle's cost is never
+worse than without the search). Cost: |G| more screening rows per particle and pass, and a
+second full refinement for the particles moved.
+
 Every step is per particle: the result of a particle does not depend on the batch it is in
 (Adam is element-wise), so sharded runs reproduce single runs.
 """
@@ -59,6 +70,7 @@ __all__ = [
     "AlignmentResult",
     "ReferenceModel",
     "SearchLibrary",
+    "SymmetryCopies",
     "align_batch",
     "elastic_grid",
     "mahalanobis_outliers",
@@ -284,6 +296,95 @@ class ReferenceModel:
     @property
     def radius_angstrom(self) -> float:
         return float(self.coordinates.norm(dim=1).max())
+
+
+def _kabsch(
+    x: NDArray[np.float64], y: NDArray[np.float64], w: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The rotation R and translation t minimising ``sum w |R x + t - y|^2``."""
+    cx = np.average(x, axis=0, weights=w)
+    cy = np.average(y, axis=0, weights=w)
+    h = np.einsum("n,ni,nj->ij", w, x - cx, y - cy)
+    u, _, vt = np.linalg.svd(h)
+    flip = np.diag([1.0, 1.0, float(np.sign(np.linalg.det(vt.T @ u.T)) or 1.0)])
+    r = vt.T @ flip @ u.T
+    return r, cy - r @ cx
+
+
+@dataclass(frozen=True, eq=False)
+class SymmetryCopies:
+    """The equivalent poses of a pseudo-symmetric reference, for `align_batch`'s ``symmetry``.
+
+    ``rotations`` (|G|, 3, 3) and ``translations`` (|G|, 3) Å: the operators ``h(r) = R r + t``
+    that superpose the reference on itself, one per element ``g`` of its group (`build`: ``R``
+    starts at ``g`` and is refined on the nodes, as a pseudo-symmetric complex's copies are
+    not exactly ``360/n`` apart), identity first. The copy of the pose ``A`` (origin ``o``) is
+    the rotation ``A R`` with the origin ``o - (A t)[:2]``. ``amplitude_maps`` (|G|, M, M):
+    the amplitudes ``q`` fitted at ``A`` mapped onto the copy: the deformation it needs to draw
+    the same density."""
+
+    rotations: torch.Tensor
+    amplitude_maps: torch.Tensor
+    translations: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, reference: ReferenceModel, group: NDArray[np.floating] | torch.Tensor
+    ) -> SymmetryCopies:
+        """The copies of ``reference`` under ``group`` (|G|, 3, 3, about the reference's rotation
+        centre, e.g. `deephemnma_bridge.symmetry.point_group` in the frame of
+        `find_symmetry_frame`; the identity is put first).
+
+        Each ``g`` is refined into ``h(r) = R r + t`` by a few rounds of matching every node
+        ``j`` to the node ``p(j)`` nearest ``h(x_j)`` and superposing (weighted Kabsch on the
+        best-matched 80 %, so that parts without the symmetry do not pull). The pose ``A``
+        with amplitudes ``q`` draws node ``p(j)`` at ``A (x_p(j) + U_p(j) q)``; the copy draws
+        node ``j`` there when ``U_j q' = R^T U_p(j) q``, so ``q' = T q`` with ``T`` that
+        relation's weighted least-squares solution over the nodes (exact for an exactly
+        symmetric model and modes; a projection otherwise)."""
+        from scipy.spatial import cKDTree
+
+        g = torch.as_tensor(group, dtype=torch.float64).cpu().numpy()
+        if g.ndim != 3 or g.shape[1:] != (3, 3) or not len(g):
+            raise InputError(f"a symmetry group must be rotations (n, 3, 3), got {g.shape}")
+        identity = np.all(np.abs(g - np.eye(3)).reshape(len(g), -1) < 1e-6, axis=1)
+        first = int(np.argmax(identity)) if identity.any() else -1
+        if first < 0:
+            raise InputError("the symmetry group has no identity element")
+        g = np.concatenate([np.eye(3)[None], np.delete(g, first, axis=0)])
+        xyz = reference.coordinates.double().cpu().numpy()
+        u = reference.modes.double().cpu().numpy()  # (M, N, 3)
+        m = u.shape[0]
+        w = (
+            np.ones(len(xyz))
+            if reference.weights is None
+            else reference.weights.double().cpu().numpy()
+        )
+        blocks = u.transpose(1, 2, 0)  # (N, 3, M): U_j
+        gram = np.einsum("n,nim,nik->mk", w, blocks, blocks)
+        tree = cKDTree(xyz)
+        maps, rotations, translations = [np.eye(m)], [np.eye(3)], [np.zeros(3)]
+        for gi in g[1:]:
+            r, t = gi, np.zeros(3)
+            for _ in range(8):
+                d, p = tree.query(xyz @ r.T + t)
+                keep = d <= np.quantile(d, 0.8)
+                r, t = _kabsch(xyz[keep], xyz[p[keep]], w[keep])
+            _, p = tree.query(xyz @ r.T + t)
+            moved = np.einsum("ji,njk->nik", r, blocks[p])  # R^T U_p(j)
+            rhs = np.einsum("n,nim,nik->mk", w, blocks, moved)
+            maps.append(np.linalg.lstsq(gram, rhs, rcond=None)[0] if m else np.zeros((0, 0)))
+            rotations.append(r)
+            translations.append(t)
+        device = reference.coordinates.device
+        return cls(
+            torch.tensor(np.stack(rotations), dtype=torch.float32, device=device),
+            torch.tensor(np.stack(maps), dtype=torch.float32, device=device),
+            torch.tensor(np.stack(translations), dtype=torch.float32, device=device),
+        )
+
+    def __len__(self) -> int:
+        return int(self.rotations.shape[0])
 
 
 @dataclass
@@ -747,6 +848,106 @@ def _population_centres(
     return centres * reference.amplitude_scale
 
 
+def _similarity(
+    spectra: torch.Tensor,
+    ctf_full: torch.Tensor | None,
+    reference: ReferenceModel,
+    rot: torch.Tensor,
+    org: torch.Tensor,
+    q: torch.Tensor,
+    config: AlignmentConfig,
+    resolution: float,
+    box: int,
+    pixel: float,
+    chunk: int = 2048,
+) -> torch.Tensor:
+    """NCC (rows,) of each row's pose and amplitudes at band ``resolution`` (no gradient)."""
+    sb = _Band(box, pixel, resolution, config.frequency_power, spectra.device)
+    out = torch.empty(rot.shape[0], device=spectra.device)
+    with torch.no_grad():
+        for start in range(0, rot.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            x_re, x_im = sb.band.extract(spectra[sl])
+            coords = reference.deformed(q[sl])
+            pos = project_positions(coords, rot[sl], org[sl])
+            t_re, t_im = render_fourier(
+                pos, sb.band, sigma_angstrom=config.sigma_angstrom, weights=reference.weights
+            )
+            if ctf_full is not None:
+                c = ctf_full[sl, sb.band.row_index, : sb.band.n_cols]
+                t_re, t_im = t_re * c, t_im * c
+            out[sl] = _ncc(t_re, t_im, x_re, x_im, sb.weight)
+    return out
+
+
+def _symmetry_screen(
+    spectra: torch.Tensor,
+    ctf_for_template: torch.Tensor | None,
+    reference: ReferenceModel,
+    rot: torch.Tensor,
+    org: torch.Tensor,
+    q: torch.Tensor,
+    config: AlignmentConfig,
+    box: int,
+    pixel_size_angstrom: float,
+    symmetry: SymmetryCopies,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each particle's pose ``A`` and its equivalent poses ``A g``, each refined by the screening
+    steps (``iterations[0]`` when there are none) at the screening band; returns the best one's
+    (q, A, o) and which element of ``symmetry`` it is (B,) (0: the pose itself).
+
+    A copy starts from the best fit, at the screening band and template, of: the amplitudes
+    mapped onto it (`SymmetryCopies`), none, and the shapes of the elastic search's grid (the
+    copy's own motion may be none of the mapped ones: modes that break the symmetry move one
+    copy only; a coarser template misjudges them: 7PBL at 15 Å with 96 blobs). The pose itself
+    keeps its amplitudes."""
+    b, m = q.shape
+    k = len(symmetry)
+    g = symmetry.rotations.to(rot.device, rot.dtype)
+    t = symmetry.translations.to(rot.device, rot.dtype)
+    maps = symmetry.amplitude_maps.to(q.device, q.dtype)
+    rot_k = (rot[:, None] @ g[None]).reshape(b * k, 3, 3)
+    q_k = torch.einsum("gij,bj->bgi", maps, q).reshape(b * k, m)
+    org_k = (org[:, None] - torch.einsum("bij,gj->bgi", rot[:, :2], t)).reshape(b * k, 2)
+    spec_k = spectra.repeat_interleave(k, dim=0)
+    ctf_k = None if ctf_for_template is None else ctf_for_template.repeat_interleave(k, dim=0)
+    grid, _ = elastic_grid(m, config.elastic_range_angstrom, config.elastic_spacing_angstrom)
+    shapes = torch.cat(
+        [
+            torch.zeros(1, m, device=q.device),
+            torch.tensor(grid, dtype=q.dtype, device=q.device) * reference.amplitude_scale,
+        ]
+    )  # (D, M)
+    copy_rows = torch.nonzero(torch.arange(b * k, device=q.device) % k > 0).flatten()
+    coarse = reference.coarsened(config.search_max_blobs)
+    if m and len(copy_rows):
+        tried = torch.cat(
+            [q_k[copy_rows, None], shapes[None].expand(len(copy_rows), -1, -1)], dim=1
+        )  # (rows, 1 + D, M)
+        d = tried.shape[1]
+        score = _similarity(
+            spec_k[copy_rows].repeat_interleave(d, dim=0),
+            None if ctf_k is None else ctf_k[copy_rows].repeat_interleave(d, dim=0),
+            coarse,
+            rot_k[copy_rows].repeat_interleave(d, dim=0),
+            org_k[copy_rows].repeat_interleave(d, dim=0),
+            tried.reshape(-1, m), config, config.screen_resolution_angstrom, box,
+            pixel_size_angstrom,
+        ).reshape(-1, d)  # fmt: skip
+        pick = torch.nan_to_num(score, nan=-math.inf).argmax(dim=1)
+        q_k[copy_rows] = tried[torch.arange(len(copy_rows), device=q.device), pick]
+    q_k, rot_k, org_k, ncc = _refine(
+        spec_k, ctf_k, coarse, rot_k, org_k, q_k, config,
+        config.screen_resolution_angstrom, config.screen_iterations or config.iterations[0],
+        box, pixel_size_angstrom, rigid=False, amp_lr=_amplitude_lr(config, reference, 0),
+    )  # fmt: skip
+    score = torch.nan_to_num(ncc, nan=-math.inf).reshape(b, k)
+    # ties (an exactly symmetric model): the pose itself
+    which = (score - 1e-7 * torch.arange(k, device=score.device)).argmax(dim=1)
+    best = which + torch.arange(b, device=which.device) * k
+    return q_k[best], rot_k[best], org_k[best], which
+
+
 def _refine_candidates(
     spectra: torch.Tensor,
     ctf_for_template: torch.Tensor | None,
@@ -759,9 +960,13 @@ def _refine_candidates(
     box: int,
     pixel_size_angstrom: float,
     progress: Callable[[str], None] | None,
+    symmetry: SymmetryCopies | None = None,
+    chosen: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Refine every candidate (B, C, ...) at the first band, keep the best of each particle,
-    settle it, then refine it at the last band: (q, A, o, ncc, still moving)."""
+    """Refine every candidate (B, C, ...) at the first band, keep the best of each particle
+    (with ``symmetry``: the best of its equivalent poses, `_symmetry_screen`), settle it, then
+    refine it at the last band: (q, A, o, ncc, still moving). A list given as ``chosen``
+    receives the element of ``symmetry`` each particle's pose was moved by (B,) (0: none)."""
     b = spectra.shape[0]
     device = spectra.device
     m = q_all.shape[-1]
@@ -775,6 +980,12 @@ def _refine_candidates(
     ctf_all = None if ctf_for_template is None else ctf_for_template.repeat_interleave(per, 0)
     it2 = config.iterations[1]
     rigid = config.fixed_poses
+    copies = None if rigid or symmetry is None or len(symmetry) < 2 else symmetry
+    which = torch.zeros(b, dtype=torch.int64, device=device)
+    # a particle moved to another copy keeps a second row, its candidate's own pose, refined
+    # alongside (rows b...): the final similarity decides between them
+    own = torch.zeros(0, dtype=torch.int64, device=device)
+    spec_x, ctf_x = spectra, ctf_for_template
     with torch.enable_grad():
         screen = config.screen_iterations
         if per > 1 and 0 < screen < config.iterations[0]:
@@ -785,9 +996,24 @@ def _refine_candidates(
                 pixel_size_angstrom, rigid=rigid, amp_lr=_amplitude_lr(config, reference, 0),
             )  # fmt: skip
             best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
+            q, rot, org = q[best], rot[best], org[best]
+            if copies is not None:
+                q_s, rot_s, org_s, which = _symmetry_screen(
+                    spectra, ctf_for_template, reference, rot, org, q, config, box,
+                    pixel_size_angstrom, copies,
+                )  # fmt: skip
+                own = torch.nonzero(which > 0).flatten()
+                q, rot, org = (
+                    torch.cat([q_s, q[own]]), torch.cat([rot_s, rot[own]]),
+                    torch.cat([org_s, org[own]]),
+                )  # fmt: skip
+                spec_x = torch.cat([spectra, spectra[own]])
+                ctf_x = None if ctf_for_template is None else ctf_for_template[
+                    torch.cat([torch.arange(b, device=device), own])
+                ]  # fmt: skip
             q, rot, org, ncc, moving1 = _refine_until_settled(
-                spectra, ctf_for_template, reference, rot[best], org[best], q[best], config, 0,
-                box, pixel_size_angstrom, rigid=rigid,
+                spec_x, ctf_x, reference, rot, org, q, config, 0, box, pixel_size_angstrom,
+                rigid=rigid,
             )  # fmt: skip
         else:
             # every candidate once; then more rounds at this band for the best one only
@@ -798,13 +1024,31 @@ def _refine_candidates(
             )  # fmt: skip
             best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
             q, rot, org, ncc, moving1 = q[best], rot[best], org[best], ncc[best], moving1[best]
-            if config.max_rounds > 1 and moving1.any():
-                idx = torch.nonzero(moving1).flatten()
-                more = dataclasses.replace(config, max_rounds=config.max_rounds - 1)
+            fresh = torch.zeros_like(moving1)
+            if copies is not None:  # a particle moved to another copy gets the band afresh
+                q_s, rot_s, org_s, which = _symmetry_screen(
+                    spectra, ctf_for_template, reference, rot, org, q, config, box,
+                    pixel_size_angstrom, copies,
+                )  # fmt: skip
+                moved = which > 0  # the others keep where this band left them
+                own = torch.nonzero(moved).flatten()
+                rows_x = torch.cat([torch.arange(b, device=device), own])
+                q = torch.cat([torch.where(moved[:, None], q_s, q), q[own]])
+                rot = torch.cat([torch.where(moved[:, None, None], rot_s, rot), rot[own]])
+                org = torch.cat([torch.where(moved[:, None], org_s, org), org[own]])
+                ncc, moving1 = ncc[rows_x], moving1[rows_x]
+                fresh = torch.cat([moved, torch.zeros_like(moved[own])])
+                spec_x = spectra[rows_x]
+                ctf_x = None if ctf_for_template is None else ctf_for_template[rows_x]
+            again = moving1 & ~fresh if config.max_rounds > 1 else torch.zeros_like(fresh)
+            for rows, rounds in ((again, config.max_rounds - 1), (fresh, config.max_rounds)):
+                if not rows.any():
+                    continue
+                idx = torch.nonzero(rows).flatten()
+                more = dataclasses.replace(config, max_rounds=rounds)
                 q_m, rot_m, org_m, ncc_m, moving_m = _refine_until_settled(
-                    spectra[idx], None if ctf_for_template is None else ctf_for_template[idx],
-                    reference, rot[idx], org[idx], q[idx], more, 0, box, pixel_size_angstrom,
-                    rigid=rigid,
+                    spec_x[idx], None if ctf_x is None else ctf_x[idx], reference, rot[idx],
+                    org[idx], q[idx], more, 0, box, pixel_size_angstrom, rigid=rigid,
                 )  # fmt: skip
                 q[idx], rot[idx], org[idx], ncc[idx], moving1[idx] = (
                     q_m, rot_m, org_m, ncc_m, moving_m
@@ -812,11 +1056,20 @@ def _refine_candidates(
         if progress:
             progress("refine")
         q, rot, org, ncc, moving = _refine_until_settled(
-            spectra, ctf_for_template, reference if final_reference is None else final_reference,
-            rot, org, q, config, 1, box, pixel_size_angstrom, rigid=rigid,
+            spec_x, ctf_x, reference if final_reference is None else final_reference, rot, org,
+            q, config, 1, box, pixel_size_angstrom, rigid=rigid,
         )  # fmt: skip
         if not it2:
             moving = moving1
+    if len(own):  # the candidate's own pose wins where it ends better (NaN in the copy loses)
+        back = torch.isfinite(ncc[b:]) & ~(ncc[b:] <= ncc[own])
+        rows = own[back]
+        q[rows], rot[rows], org[rows] = q[b:][back], rot[b:][back], org[b:][back]
+        ncc[rows], moving[rows] = ncc[b:][back], moving[b:][back]
+        which[rows] = 0
+        q, rot, org, ncc, moving = q[:b], rot[:b], org[:b], ncc[:b], moving[:b]
+    if chosen is not None:
+        chosen[:] = [which]
     return q, rot, org, ncc, moving
 
 
@@ -833,6 +1086,7 @@ def align_batch(
     final_reference: ReferenceModel | None = None,
     library: SearchLibrary | None = None,
     progress: Callable[[str], None] | None = None,
+    symmetry: SymmetryCopies | None = None,
 ) -> AlignmentResult:
     """Align a batch of preprocessed images (B, box, box) at ``pixel_size_angstrom``.
 
@@ -845,6 +1099,10 @@ def align_batch(
     given, renders the template of the last refinement stage (e.g. every atom, while the search
     and the first stage use residue blobs). ``library``: the global-search library of
     ``reference`` at this box and pixel size (`SearchLibrary.build`); built here when None.
+    ``symmetry`` (`SymmetryCopies` of ``reference``): a pseudo-symmetric reference; each
+    particle's best candidate is expanded into its equivalent poses and the best of them kept
+    (module docstring; not with ``fixed_poses``). ``extra["symmetry_element"]`` says which
+    (0: the candidate's own pose).
     """
     device = images.device
     b, box, _ = images.shape
@@ -898,10 +1156,14 @@ def align_batch(
         rot_all = torch.cat([rot_all, rot_e], dim=1)
         org_all = torch.cat([org_all, org_e], dim=1)
         q_all = torch.cat([q_all, q_e], dim=1)
+    if symmetry is not None and symmetry.amplitude_maps.shape[1] != m:
+        raise ValueError("the symmetry copies were built for another reference (modes differ)")
+    chosen: list[torch.Tensor] = []
     q, rot, org, ncc, moving = _refine_candidates(
         spectra, ctf_for_template, reference, final_reference, rot_all, org_all, q_all, config,
-        box, pixel_size_angstrom, progress,
+        box, pixel_size_angstrom, progress, symmetry, chosen,
     )  # fmt: skip
+    which = chosen[0]
     if (
         config.population_centres > 0
         and m
@@ -919,11 +1181,12 @@ def align_batch(
         assert q_p is not None
         q2, rot2, org2, ncc2, moving2 = _refine_candidates(
             spectra, ctf_for_template, reference, final_reference, rot_p, org_p, q_p, config,
-            box, pixel_size_angstrom, progress,
+            box, pixel_size_angstrom, progress, symmetry, chosen,
         )  # fmt: skip
+        which2 = chosen[0]
         better = torch.isfinite(ncc2) & ~(ncc2 <= ncc)  # NaN in pass 1 loses too
         q[better], rot[better], org[better] = q2[better], rot2[better], org2[better]
-        ncc[better], moving[better] = ncc2[better], moving2[better]
+        ncc[better], moving[better], which[better] = ncc2[better], moving2[better], which2[better]
     ok = torch.isfinite(ncc) & torch.isfinite(q).all(dim=1) & torch.isfinite(rot).all(dim=(1, 2))
     cost = torch.where(ok, 1.0 - ncc, torch.full_like(ncc, float("nan")))
     return AlignmentResult(
@@ -932,7 +1195,7 @@ def align_batch(
         shifts_angstrom=org.double().cpu().numpy(),
         cost=cost.double().cpu().numpy(),
         converged=ok.cpu().numpy(),
-        extra={"at_limit": moving.cpu().numpy()},
+        extra={"at_limit": moving.cpu().numpy(), "symmetry_element": which.cpu().numpy()},
     )
 
 

@@ -61,6 +61,11 @@ def cpu_threads(requested: int) -> tuple[int, str]:
     return torch.get_num_threads(), "torch's default"
 
 
+#: a model is pseudo-symmetric under a group when its deviation (`symmetry_deviation`) is below
+#: this fraction of the group turned by half its n-fold step (`half_step_deviation`); 7PBL C6:
+#: 0.71, its subgroup C2 0.77; asymmetric adenylate kinase: 1.02-1.09 (C2, C3, C5)
+PSEUDO_SYMMETRY_RATIO = 0.8
+
 #: above this many atoms the last band renders residue blobs (4YVS, 26k atoms: ~10x cheaper)
 MAX_FINAL_ATOMS = 10_000
 
@@ -206,10 +211,13 @@ def mode_table_lines(table: list[dict[str, Any]], threshold: float) -> list[str]
 def symmetry_group(modes: Any, symbol: str) -> tuple[Any, dict[str, Any]]:
     """The group (|G|, 3, 3) of ``symbol`` about the reference's rotation centre, and what was
     found: RELION's axes when the model is symmetric about them, else the model's own axes
-    (`find_symmetry_frame`). Raises `InputError` when the model has no such symmetry."""
+    (`find_symmetry_frame`). A model whose nodes are not invariant but clearly closer to it than
+    to the group turned by half a step (`PSEUDO_SYMMETRY_RATIO`) is pseudo-symmetric
+    (``info["pseudo"]``). Raises `InputError` when the model has no such symmetry."""
     from ..symmetry import (
         find_symmetry_frame,
         group_order,
+        half_step_deviation,
         node_spacing,
         point_group,
         symmetry_deviation,
@@ -225,12 +233,16 @@ def symmetry_group(modes: Any, symbol: str) -> tuple[Any, dict[str, Any]]:
     deviation = symmetry_deviation(xyz, point_group(symbol))
     if deviation > limit:
         frame, deviation = find_symmetry_frame(xyz, symbol)
-        if deviation > limit:
+    turned = None
+    if deviation > limit:
+        turned = half_step_deviation(xyz, symbol, frame)
+        if deviation > PSEUDO_SYMMETRY_RATIO * turned:
             raise InputError(
                 f"--symmetry {symbol}: the reference is not {symbol}-symmetric about its "
                 f"rotation centre, neither about RELION's axes (z; x for the Dn 2-fold) nor "
                 f"about its principal axes (nodes moved by the group land {deviation:.1f} Å RMS "
-                f"from the nearest node, more than {limit:.1f} Å); check the symbol"
+                f"from the nearest node, more than {limit:.1f} Å), nor pseudo-symmetric (the "
+                f"group turned by half a step does as well: {turned:.1f} Å); check the symbol"
             )
     info = {
         "symbol": symbol,
@@ -239,6 +251,8 @@ def symmetry_group(modes: Any, symbol: str) -> tuple[Any, dict[str, Any]]:
         "n_fold_axis": frame[:, 2].round(6).tolist(),
         "two_fold_axis": frame[:, 0].round(6).tolist() if symbol.startswith("D") else None,
         "deviation_angstrom": round(deviation, 3),
+        "pseudo": turned is not None,
+        "half_step_deviation_angstrom": None if turned is None else round(turned, 3),
     }
     return point_group(symbol, frame), info
 
@@ -252,6 +266,7 @@ def align(
     min_collectivity: float | None = None,
     n_auto_modes: int | None = None,
     symmetry: str = "C1",
+    symmetry_search: bool = False,
     template: str = "residues",
     final_template: str = "atoms",
     deformation: str = "linear",
@@ -311,8 +326,12 @@ def align(
     n_auto_modes : int, optional
         Modes ``"auto"`` takes (3).
     symmetry : str, default "C1"
-        Point group ``Cn`` or ``Dn`` of a (pseudo-)symmetric reference: poses are folded onto
-        one asymmetric unit.
+        Point group ``Cn`` or ``Dn`` of a (pseudo-)symmetric reference: the poses written are
+        folded onto one asymmetric unit.
+    symmetry_search : bool, default False
+        With ``symmetry``: the search also tries the equivalent poses of each particle's best
+        candidate and keeps the best fit (the motion breaks the symmetry: each copy has its
+        own amplitudes); about 1.4x the CPU.
     template : {"residues", "nodes", "atoms"}, default "residues"
         Search and first-stage template.
     final_template : {"atoms", "same"}, default "atoms"
@@ -397,6 +416,7 @@ def align(
     from ..alignment.hemnma import (
         AlignmentConfig,
         SearchLibrary,
+        SymmetryCopies,
         align_batch,
         mahalanobis_outliers,
     )
@@ -492,11 +512,22 @@ def align(
             say(log, line)
         if group is not None:
             axes = "RELION's axes" if symmetry_info["relion_axes"] else "the model's own axes"
+            pseudo = (
+                f", pseudo-symmetric: {symmetry_info['half_step_deviation_angstrom']:.2f} Å "
+                "turned by half a step"
+                if symmetry_info["pseudo"]
+                else ""
+            )
+            search = (
+                "equivalent poses searched"
+                if symmetry_search and poses != "fixed"
+                else "poses folded only"
+            )
             say(
                 log,
                 f"symmetry {symmetry} about {axes} (n-fold axis "
                 f"{symmetry_info['n_fold_axis']}, deviation "
-                f"{symmetry_info['deviation_angstrom']:.2f} Å)",
+                f"{symmetry_info['deviation_angstrom']:.2f} Å{pseudo}): {search}",
             )
     reference, used_template, final_reference = build_reference(
         all_modes,
@@ -516,6 +547,7 @@ def align(
         "use_modes_requested": requested,
         "min_collectivity": threshold,
         "symmetry": symmetry,
+        "symmetry_search": bool(symmetry_search and group is not None and poses != "fixed"),
         "template": used_template,
         "final_template": "atoms" if final_reference is not None else used_template,
         "deformation": deformation,
@@ -532,6 +564,7 @@ def align(
         "cost": ((), np.float64),
         "converged": ((), np.bool_),
         "at_limit": ((), np.bool_),
+        "moved": ((), np.bool_),
     }
     run = ShardedRun(out, n, fields, settings, torch_device, checkpoint_every, restart=restart)
     mine, todo = run.mine, run.todo
@@ -542,6 +575,9 @@ def align(
         initial=len(mine) - len(todo),
         desc=f"align[{run.rank}]" if run.world > 1 else "align",
     )
+    copies = None
+    if settings["symmetry_search"]:  # the equivalent poses, each with its copy's amplitudes
+        copies = SymmetryCopies.build(reference, group)
     with run.guard():
         library = None
         if poses == "search" and len(todo):  # the reference's projections, once per run
@@ -567,6 +603,7 @@ def align(
                 shifts_angstrom=shifts,
                 final_reference=final_reference,
                 library=library,
+                symmetry=copies,
             )
             run.store(
                 local,
@@ -576,6 +613,7 @@ def align(
                 cost=result.cost,
                 converged=result.converged,
                 at_limit=result.extra["at_limit"],
+                moved=result.extra["symmetry_element"] > 0,
             )
             bar.update(len(rows))
     bar.close()
@@ -639,6 +677,8 @@ def align(
             "modes_table": mode_table,
             "symmetry": {
                 **symmetry_info,
+                "search": settings["symmetry_search"],
+                "n_moved_by_search": int(merged["moved"].sum()),
                 "poses": "unchanged"
                 if group is None
                 else "folded: A g nearest the identity (g in the group, _dhnSymmetryElement); "
@@ -651,6 +691,11 @@ def align(
     failed = f", {info['n_failed']} failed (NaN cost)" if info["n_failed"] else ""
     flagged = "" if flagged_rows is None else f", {int(flagged_rows.sum())} outliers flagged"
     if group is not None:
+        if settings["symmetry_search"]:
+            flagged += (
+                f", {int(merged['moved'].sum())} moved to an equivalent pose by the {symmetry} "
+                "search"
+            )
         flagged += f", poses folded by {symmetry} symmetry (amplitudes unchanged)"
     say(log, f"aligned {n} particles in {elapsed:.1f} s{failed}{flagged} -> {out}")
     return out_table

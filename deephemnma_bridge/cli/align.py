@@ -10,8 +10,13 @@ _dhnConverged 0 for a particle that failed), every other column kept, and DIR/al
 collectivity is at least --min-collectivity, skipping local modes (one loop moving); the table
 of modes, chosen or not, is printed and kept in alignment.json. --symmetry Cn/Dn (RELION's
 axes: n-fold along z, the Dn 2-fold along x; the model's own axes when it is symmetric about
-others) folds every pose onto the representative nearest the identity among its equivalents
-A g; the amplitudes are not changed (they refer to the copy the pose found).
+others; a pseudo-symmetric complex, whose copies differ, is accepted) folds every pose onto the
+representative nearest the identity among its equivalents A g; the amplitudes are not changed
+(they refer to the copy the pose found). With --symmetry-search the search also tries the
+equivalent poses of each particle's best candidate, each with the amplitudes mapped onto that
+copy, and keeps the best fit: the motion breaks the symmetry, so only one copy's amplitudes are
+right (7PBL, up to 8 Å RMS: r 0.942 / 0.971 / 0.894 -> 0.999 / 0.991 / 0.995, for 1.4x the
+CPU).
 
 Long runs checkpoint into DIR.partial/ every --checkpoint-every particles: rerun the same
 command to resume. Shard across processes or machines with torchrun, e.g.
@@ -112,8 +117,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--symmetry",
         type=_symmetry,
         default="C1",
-        help="point group Cn or Dn of a (pseudo-)symmetric reference: poses are folded onto "
-        "one asymmetric unit (default C1: none)",
+        help="point group Cn or Dn of a (pseudo-)symmetric reference: the poses written are "
+        "folded onto one asymmetric unit (default C1: none)",
+    )
+    p(
+        "--symmetry-search",
+        action="store_true",
+        help="with --symmetry: also try the equivalent poses of each particle's best candidate "
+        "(each with its copy's amplitudes) and keep the best fit; for complexes whose motion "
+        "breaks the symmetry (about 1.4x the CPU)",
     )
     p("--out", type=Path, required=True, help="output folder")
     p(
@@ -259,6 +271,7 @@ def main(args: argparse.Namespace) -> int:
         min_collectivity=args.min_collectivity,
         n_auto_modes=args.n_auto_modes,
         symmetry=args.symmetry,
+        symmetry_search=args.symmetry_search,
         template=args.template,
         final_template=args.final_template,
         deformation=args.deformation,
