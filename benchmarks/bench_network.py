@@ -325,6 +325,14 @@ def throughput(net: Path, particles: Path, out: Path, batch: int, runs: int = 2)
         f"of each run's ratio to the bare pass just before it {100 * paired:.0f} %); load "
         f"average (1 min) {load[0]:.2f} before, {after[0]:.2f} after on {os.cpu_count()} CPUs"
     )
+    if load[0] > (os.cpu_count() or 1):  # before: "after" counts this benchmark's own load
+        # measured (2 cores, load 6): the bare pass 80 images/s with libgomp's default
+        # spin-waiting, 300 with OMP_WAIT_POLICY=PASSIVE; predict was hit far less (its
+        # background thread's OpenMP team: more threads than cores, so libgomp spins less)
+        print(
+            "  the machine was busy (load above the CPU count): OpenMP's spin-waiting makes "
+            "both figures, and their ratio, unlike an idle machine's; measure when it is idle"
+        )
 
 
 if __name__ == "__main__":

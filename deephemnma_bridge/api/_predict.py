@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -27,10 +28,102 @@ from ._common import (
 )
 from ._train import TrainedNetwork
 
-__all__ = ["NetworkLike", "fallback_threshold", "predict"]
+if TYPE_CHECKING:
+    import torch
+
+    from ..alignment.ctf import CTFParams
+
+__all__ = ["NetworkLike", "fallback_threshold", "overlapped", "predict"]
 
 #: A trained network: a `TrainedNetwork`, a training folder (its best.pt) or a .pt file.
 NetworkLike = TrainedNetwork | str | os.PathLike[str]
+
+#: `predict` reads, preprocesses and decodes in a background thread during the forward passes
+#: (`overlapped`); False runs the same steps one after another in the calling thread.
+OVERLAP = True
+
+_B = TypeVar("_B")
+_Y = TypeVar("_Y")
+_D = TypeVar("_D")
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+class _Batch(NamedTuple):
+    """A batch ready for the networks: its positions in this rank's slice, its CTF, the input
+    of each network (preprocessed with that network's settings) and HEMNMA's input (if any)."""
+
+    local: np.ndarray
+    ctf: CTFParams
+    inputs: list[torch.Tensor]
+    align_input: torch.Tensor | None
+
+
+class _Inline(Executor):
+    """Runs each task at once, in the calling thread (`overlapped` without the overlap); its
+    error is raised by ``result()``, as from a thread (Ctrl-C at once)."""
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        done: Future[_T] = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # re-raised by result()
+            done.set_exception(exc)
+        return done
+
+
+def _background_thread(cuda_device: int | None) -> None:
+    """Set-up of `overlapped`'s thread: no autograd, and the caller's GPU (both per thread)."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    if cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
+
+
+def overlapped(
+    prepare: Callable[[], _B | None],
+    forward: Callable[[_B], _Y],
+    decode: Callable[[_Y], _D],
+    finish: Callable[[_B, _D], None],
+    *,
+    overlap: bool = True,
+    device: torch.device | None = None,
+) -> None:
+    """Run ``finish(batch, decode(forward(batch)))`` for each ``batch = prepare()`` until it
+    gives None, in order, with ``prepare`` and ``decode`` in one background thread (``overlap``):
+    batch n+1 is prepared and batch n-1 decoded while batch n runs forward in the calling
+    thread, which also runs ``finish`` (batch n-1's, after batch n's forward).
+
+    The results are those of the steps run one after another (each step sees the same
+    arguments); the background thread's tensors take no gradients. An exception in any step,
+    or Ctrl-C, stops the loop: the background thread completes the step it is in, nothing
+    more, and the exception propagates from the calling thread; the batches not finished by
+    then (at most two) are left unfinished. Without ``overlap`` every step runs in the calling
+    thread, in the same order.
+    """
+    if overlap:
+        import torch
+
+        cuda = torch.cuda.current_device() if device is not None and device.type == "cuda" else None
+        pool: Executor = ThreadPoolExecutor(
+            1, "deephemnma-predict", initializer=_background_thread, initargs=(cuda,)
+        )
+    else:
+        pool = _Inline()
+    try:
+        ahead = pool.submit(prepare)
+        pending: tuple[_B, Future[_D]] | None = None
+        while (batch := ahead.result()) is not None:
+            ahead = pool.submit(prepare)  # batch n+1, during batch n's forward
+            decoding = pool.submit(decode, forward(batch))  # during batch n+1's forward
+            if pending is not None:
+                finish(pending[0], pending[1].result())
+            pending = (batch, decoding)
+        if pending is not None:
+            finish(pending[0], pending[1].result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def fallback_threshold(
@@ -345,93 +438,117 @@ def predict(
     preps = [PreprocessConfig.from_dict(meta["preprocess"]) for _, meta, _ in nets]
     align_prep = PreprocessConfig(output_size_px=working, phase_flip=False, normalise="whole")
     library: Any = None  # HEMNMA's search library, built at the first fallback
-    t0 = time.perf_counter()
     amp = dev.type == "cuda"
-    with torch.no_grad(), run.guard():
-        for images, _, c, pos in stream:
-            local = todo_local[pos.numpy()]
-            rows = run.mine[local]
-            images = images.to(dev, non_blocking=True)
-            params = ctf_from_rows(c, dev)
-            pred: dict[str, np.ndarray] = {}
-            inputs: dict[str, torch.Tensor] = {}  # one preprocessing per distinct setting
-            for (model, _, spec), prep in zip(nets, preps, strict=True):
-                key = repr(prep)
-                if key not in inputs:
-                    inputs[key] = preprocess_images(
-                        images, pixel_size_angstrom=pixel, config=prep, ctf=params
-                    )
-                x = inputs[key]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    y = model(x[:, None]).float()
-                pred.update(decode(spec, y, top_k=top_k))
-            rot: Any = pred.get(
-                "rotations",
-                table.rotation_matrices[rows] if table.rotation_matrices is not None else None,
-            )
-            shifts = pred.get("shifts", table.shifts_angstrom[rows])
-            amps = pred.get("amplitudes", np.zeros((len(rows), 0)))
-            cost = np.full(len(rows), np.nan)
-            fell = np.zeros(len(rows), dtype=bool)
-            confidence = pred.get("confidence", np.full(len(rows), np.nan))
-            starts: Any = rot
-            if "candidates" in pred and refine_steps:
-                starts = pred["candidates"]  # (B, k, 3, 3): the best of the k is kept
-            if reference is not None and config is not None:
-                xa = preprocess_images(images, pixel_size_angstrom=pixel, config=align_prep)
-                with torch.enable_grad():
-                    res = align_batch(
-                        xa,
-                        params,
-                        reference,
-                        config,
-                        pixel_size_angstrom=work_pixel,
-                        rotations=torch.as_tensor(starts),
-                        shifts_angstrom=torch.as_tensor(shifts),
-                        amplitudes=torch.as_tensor(amps, dtype=torch.float32),
-                        # the cost of `align`'s last stage (every atom, 4 Å): comparable
-                        final_reference=final_reference,
-                    )
-                amps, rot, shifts, cost = (
-                    res.amplitudes,
-                    res.rotations,
-                    res.shifts_angstrom,
-                    res.cost,
+
+    def prepare() -> _Batch | None:
+        """The next batch read and preprocessed (once per distinct setting), None at the end."""
+        got = next(loaded, None)
+        if got is None:
+            return None
+        images, _, c, pos = got
+        images = images.to(dev, non_blocking=True)
+        params = ctf_from_rows(c, dev)
+        inputs: dict[str, torch.Tensor] = {}
+        for prep in preps:
+            if repr(prep) not in inputs:
+                inputs[repr(prep)] = preprocess_images(
+                    images, pixel_size_angstrom=pixel, config=prep, ctf=params
                 )
-                if threshold is not None:
-                    fell = ~(cost <= threshold)  # NaN (failed) too
-                if fallback_confidence is not None:
-                    fell |= ~(confidence >= fallback_confidence)
-                if fell.any():
-                    if library is None:
-                        library = SearchLibrary.build(reference, search, working, work_pixel, dev)
-                    idx = np.flatnonzero(fell)
-                    with torch.enable_grad():
-                        full = align_batch(
-                            xa[torch.as_tensor(idx, device=dev)],
-                            params.take(idx),
-                            reference,
-                            search,
-                            pixel_size_angstrom=work_pixel,
-                            final_reference=final_reference,
-                            library=library,
-                        )
-                    amps[idx], rot[idx], shifts[idx] = (
-                        full.amplitudes,
-                        full.rotations,
-                        full.shifts_angstrom,
-                    )
-                    cost[idx] = full.cost
-            run.store(
-                local,
-                amplitudes=amps,
-                rotations=rot,
-                shifts=shifts,
-                cost=cost,
-                fallback=fell,
-                confidence=confidence,
+        xa = None
+        if reference is not None:
+            xa = preprocess_images(images, pixel_size_angstrom=pixel, config=align_prep)
+        return _Batch(todo_local[pos.numpy()], params, [inputs[repr(p)] for p in preps], xa)
+
+    def forward(batch: _Batch) -> list[torch.Tensor]:
+        outputs = []
+        for (model, _, _), x in zip(nets, batch.inputs, strict=True):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                outputs.append(model(x[:, None]).float())
+        return outputs
+
+    def decoded(outputs: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        pred: dict[str, np.ndarray] = {}
+        for (_, _, spec), y in zip(nets, outputs, strict=True):
+            pred.update(decode(spec, y, top_k=top_k))
+        return pred
+
+    def finish(batch: _Batch, pred: dict[str, np.ndarray]) -> None:
+        """HEMNMA's refinement and fallback (if asked for), then the batch's results stored."""
+        nonlocal library
+        local, params = batch.local, batch.ctf
+        rows = run.mine[local]
+        rot: Any = pred.get(
+            "rotations",
+            table.rotation_matrices[rows] if table.rotation_matrices is not None else None,
+        )
+        shifts = pred.get("shifts", table.shifts_angstrom[rows])
+        amps = pred.get("amplitudes", np.zeros((len(rows), 0)))
+        cost = np.full(len(rows), np.nan)
+        fell = np.zeros(len(rows), dtype=bool)
+        confidence = pred.get("confidence", np.full(len(rows), np.nan))
+        starts: Any = rot
+        if "candidates" in pred and refine_steps:
+            starts = pred["candidates"]  # (B, k, 3, 3): the best of the k is kept
+        xa = batch.align_input
+        if reference is not None and config is not None and xa is not None:
+            with torch.enable_grad():
+                res = align_batch(
+                    xa,
+                    params,
+                    reference,
+                    config,
+                    pixel_size_angstrom=work_pixel,
+                    rotations=torch.as_tensor(starts),
+                    shifts_angstrom=torch.as_tensor(shifts),
+                    amplitudes=torch.as_tensor(amps, dtype=torch.float32),
+                    # the cost of `align`'s last stage (every atom, 4 Å): comparable
+                    final_reference=final_reference,
+                )
+            amps, rot, shifts, cost = (
+                res.amplitudes,
+                res.rotations,
+                res.shifts_angstrom,
+                res.cost,
             )
-            bar.update(len(rows))
+            if threshold is not None:
+                fell = ~(cost <= threshold)  # NaN (failed) too
+            if fallback_confidence is not None:
+                fell |= ~(confidence >= fallback_confidence)
+            if fell.any():
+                if library is None:
+                    library = SearchLibrary.build(reference, search, working, work_pixel, dev)
+                idx = np.flatnonzero(fell)
+                with torch.enable_grad():
+                    full = align_batch(
+                        xa[torch.as_tensor(idx, device=dev)],
+                        params.take(idx),
+                        reference,
+                        search,
+                        pixel_size_angstrom=work_pixel,
+                        final_reference=final_reference,
+                        library=library,
+                    )
+                amps[idx], rot[idx], shifts[idx] = (
+                    full.amplitudes,
+                    full.rotations,
+                    full.shifts_angstrom,
+                )
+                cost[idx] = full.cost
+        run.store(
+            local,
+            amplitudes=amps,
+            rotations=rot,
+            shifts=shifts,
+            cost=cost,
+            fallback=fell,
+            confidence=confidence,
+        )
+        bar.update(len(rows))
+
+    t0 = time.perf_counter()
+    with torch.no_grad(), run.guard():
+        loaded = iter(stream)  # DataLoader workers, if any, start here
+        overlapped(prepare, forward, decoded, finish, overlap=OVERLAP, device=dev)
     bar.close()
     elapsed = time.perf_counter() - t0
     merged = run.merge()

@@ -1,0 +1,231 @@
+"""`predict` reads, preprocesses and decodes in a background thread while the network runs
+(`overlapped`): the results are those of the steps run one after another, in order, and an
+interrupted run (Ctrl-C in the forward pass, an error in the background thread) keeps the
+particles it finished and resumes to the same results."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import deephemnma_bridge.preprocess as preprocess
+from deephemnma_bridge import api
+from deephemnma_bridge.api import _predict
+from deephemnma_bridge.api._predict import overlapped
+from deephemnma_bridge.conventions import euler_to_matrix
+from deephemnma_bridge.particles import ParticleTable
+
+THREAD = "deephemnma-predict"
+
+
+def _background_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD)]
+
+
+def _steps(
+    n: int, log: list[tuple[str, int, str]], fail: tuple[str, int] | None = None
+) -> tuple[Any, Any, Any, Any]:
+    """prepare / forward / decode / finish over batches 0..n-1 that log (step, batch, thread)
+    and raise at ``fail`` (step, batch): ValueError in prepare, KeyboardInterrupt in forward."""
+    batches = iter(range(n))
+
+    def record(step: str, b: int) -> None:
+        log.append((step, b, threading.current_thread().name))
+        if fail == (step, b):
+            raise KeyboardInterrupt if step == "forward" else ValueError(f"{step} {b}")
+
+    def prepare() -> int | None:
+        b = next(batches, None)
+        if b is not None:
+            record("prepare", b)
+            assert not torch.is_grad_enabled()  # the background thread takes no gradients
+        return b
+
+    def forward(b: int) -> int:
+        record("forward", b)
+        return 10 * b
+
+    def decode(y: int) -> int:
+        record("decode", y // 10)
+        return y + 1
+
+    def finish(b: int, d: int) -> None:
+        assert d == 10 * b + 1
+        record("finish", b)
+
+    return prepare, forward, decode, finish
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlapped_runs_every_step_in_order(overlap: bool) -> None:
+    log: list[tuple[str, int, str]] = []
+    with torch.no_grad():
+        overlapped(*_steps(7, log), overlap=overlap)
+    main = threading.current_thread().name
+    for step in ("prepare", "forward", "decode", "finish"):
+        assert [b for s, b, _ in log if s == step] == list(range(7)), step
+    where = {s: {t for s2, _, t in log if s2 == s} for s in ("prepare", "decode")}
+    assert where["prepare"] == where["decode"] == {main if not overlap else f"{THREAD}_0"}
+    assert {t for s, _, t in log if s in ("forward", "finish")} == {main}
+    steps = [(s, b) for s, b, _ in log]
+    for b in range(1, 7):  # batch n-1 is finished after batch n's forward
+        assert steps.index(("forward", b)) < steps.index(("finish", b - 1))
+    assert not _background_threads()
+    overlapped(*_steps(0, log), overlap=overlap)  # no batch at all: nothing to finish
+    assert not _background_threads()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize(
+    ("fail", "error"), [(("forward", 3), KeyboardInterrupt), (("prepare", 4), ValueError)]
+)
+def test_overlapped_stops_at_once_on_an_error(
+    overlap: bool, fail: tuple[str, int], error: type[BaseException]
+) -> None:
+    log: list[tuple[str, int, str]] = []
+    with pytest.raises(error), torch.no_grad():
+        overlapped(*_steps(9, log, fail), overlap=overlap)
+    finished = [b for s, b, _ in log if s == "finish"]
+    # Ctrl-C in batch 3's forward: 0-1 finished (2 waits for batch 3's forward); an error
+    # reading batch 4: raised when the loop asks for it, after batch 3's forward
+    assert finished == ([0, 1] if fail[0] == "forward" else [0, 1, 2])
+    assert max(b for s, b, _ in log if s == "prepare") <= fail[1] + 1  # nothing read past
+    assert not _background_threads()  # the thread ended with the loop
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> tuple[ParticleTable, api.TrainedNetwork]:
+    """23 simulated particles (48 px) and a small grid-head network (one epoch on the truth)."""
+    root = tmp_path_factory.mktemp("overlap")
+    sim = api.simulate(
+        out=root / "sim",
+        n_particles=23,
+        box_px=48,
+        pixel_size_angstrom=3.0,
+        seed=5,
+        device="cpu",
+        progress=False,
+        log=None,
+    )
+    truth = sim.particles.extra
+    angles = np.stack([truth[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1)
+    labelled = sim.particles.with_poses(euler_to_matrix(angles), np.zeros((23, 2))).with_extra(
+        **{f"dhnAmplitude{m}": truth[f"dhnTrueAmplitude{m}"] for m in (7, 8, 9)}
+    )
+    net = api.train(
+        labelled,
+        out=root / "net",
+        preset="fast",
+        epochs=1,
+        size_px=32,
+        batch_size=8,
+        orientation_head="grid",
+        grid_step_degrees=30.0,
+        backbone="resnet18",
+        workers=0,
+        device="cpu",
+        log=None,
+    )
+    return sim.particles, net
+
+
+def _predict_to(
+    particles: ParticleTable, net: api.TrainedNetwork, out: Path, **options: Any
+) -> ParticleTable:
+    return api.predict(
+        particles,
+        net,
+        out=out,
+        batch_size=5,
+        checkpoint_every=5,
+        workers=0,
+        device="cpu",
+        progress=False,
+        log=None,
+        **options,
+    )
+
+
+def _assert_same(a: ParticleTable, b: ParticleTable) -> None:
+    """Bit for bit: poses, amplitudes and confidence."""
+    assert a.rotation_matrices is not None and b.rotation_matrices is not None
+    np.testing.assert_array_equal(a.rotation_matrices, b.rotation_matrices)
+    np.testing.assert_array_equal(a.shifts_angstrom, b.shifts_angstrom)
+    columns = [f"dhnAmplitude{m}" for m in (7, 8, 9)] + ["dhnConfidence"]
+    for column in columns:
+        np.testing.assert_array_equal(
+            np.asarray(a.extra[column], float), np.asarray(b.extra[column], float), column
+        )
+
+
+def test_overlap_gives_the_results_of_the_serial_loop(
+    network: tuple[ParticleTable, api.TrainedNetwork],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    particles, net = network
+    threads: list[str] = []
+    real = preprocess.preprocess_images
+
+    def noted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "preprocess_images", noted)
+    both = {}
+    for overlap in (True, False):
+        monkeypatch.setattr(_predict, "OVERLAP", overlap)
+        threads.clear()
+        both[overlap] = _predict_to(particles, net, tmp_path / str(overlap))
+        # 5 batches (the last of 3), each preprocessed once, in the background thread or not
+        main = threading.current_thread().name
+        assert threads == [f"{THREAD}_0" if overlap else main] * 5
+    _assert_same(both[True], both[False])
+    confidence = np.asarray(both[True].extra["dhnConfidence"], float)
+    assert len(both[True]) == 23 and np.isfinite(confidence).all()
+    assert not _background_threads()
+
+
+def test_interrupted_prediction_resumes_to_the_same_results(
+    network: tuple[ParticleTable, api.TrainedNetwork],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    particles, net = network
+    whole = _predict_to(particles, net, tmp_path / "whole")
+    out = tmp_path / "resumed"
+    state = out.with_name("resumed.partial") / "rank0_of_1.npz"
+    real_prep, real_forward = preprocess.preprocess_images, net.model.forward
+    calls = {"prep": 0, "forward": 0}
+
+    def unreadable(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["prep"] += 1
+        if calls["prep"] == 3:  # batch 3 (background thread): a read error, say
+            raise OSError("disk gone")
+        return real_prep(*args, **kwargs)
+
+    def interrupted(x: torch.Tensor) -> torch.Tensor:
+        calls["forward"] += 1
+        if calls["forward"] == 3:  # Ctrl-C during batch 3's forward pass
+            raise KeyboardInterrupt
+        return real_forward(x)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(preprocess, "preprocess_images", unreadable)
+        with pytest.raises(OSError, match="disk gone"):
+            _predict_to(particles, net, out)
+    # the first batch stored; the second ran but waited for the third, which failed to read
+    assert np.load(state)["done"].sum() == 5
+    with monkeypatch.context() as patch:
+        patch.setattr(net.model, "forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _predict_to(particles, net, out)  # resumes: one more batch stored
+    assert np.load(state)["done"].sum() == 10
+    assert not out.exists() and not _background_threads()
+    _assert_same(_predict_to(particles, net, out), whole)
+    assert not state.parent.exists()
