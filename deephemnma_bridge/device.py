@@ -13,6 +13,8 @@ __all__ = ["available_devices", "loader_workers", "resolve_device"]
 
 def resolve_device(name: str | None = "auto") -> torch.device:
     """``"auto"`` (or None) gives ``cuda`` when available, else ``cpu``; other names are checked.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) a CUDA device without an index is the rank's own GPU,
+    ``cuda:LOCAL_RANK``, so that the ranks do not all run on the first one.
 
     Raises
     ------
@@ -20,10 +22,17 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         When a CUDA device is asked for and none is present.
     """
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if (
+        device.type == "cuda"
+        and device.index is None
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 

@@ -148,3 +148,19 @@ def test_lowpass_removes_high_frequencies() -> None:
     assert float(spec[k > 1 / 8.0 + 1 / 64].max()) < 1e-9
     low = k < 1 / 8.0 - 1 / 64
     torch.testing.assert_close(spec[low], torch.fft.rfft2(img)[0].abs()[low])
+
+
+def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun, an unindexed CUDA device is the rank's GPU (cuda:LOCAL_RANK), not GPU 0
+    for every rank; an explicit index and the CPU are kept."""
+    from deephemnma_bridge.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_device("auto") == torch.device("cuda")

@@ -111,6 +111,8 @@ class ShardedRun:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if self.world > 1 and not torch.distributed.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # NCCL's collectives run on the current GPU
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         self.n = n
         self.fields = fields
