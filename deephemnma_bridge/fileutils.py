@@ -29,6 +29,7 @@ __all__ = [
     "OUTPUT_MARKER",
     "atomic_dir",
     "atomic_path",
+    "await_output_dir",
     "check_not_input",
     "check_output_dir",
     "check_output_file",
@@ -197,6 +198,30 @@ def claim_output_dir(
     if output_owner(path) != command:
         with atomic_path(path / OUTPUT_MARKER) as tmp:
             tmp.write_text(_marker_text(command, inputs))
+    return path
+
+
+def await_output_dir(
+    out: str | os.PathLike[str], *, command: str, timeout_seconds: float = 300.0
+) -> Path:
+    """Wait until ``out`` carries ``command``'s marker (`claim_output_dir`) and return it.
+
+    For the other ranks of a ``torchrun`` job: rank 0 alone checks and claims the folder. Had
+    every rank checked, one could see the folder rank 0 had just created, before its marker
+    was written, and refuse it as someone else's."""
+    import time
+
+    from .errors import InputError
+
+    path = Path(out)
+    deadline = time.monotonic() + timeout_seconds
+    while output_owner(path) != command:
+        if time.monotonic() > deadline:
+            raise InputError(
+                f"--out {out}: rank 0 did not claim it for deephemnma {command} within "
+                f"{timeout_seconds:.0f} s (see rank 0's error)"
+            )
+        time.sleep(0.2)
     return path
 
 

@@ -141,3 +141,22 @@ def test_check_not_input(tmp_path: Path) -> None:
     check_not_input(tmp_path / "other.star", f)
     with pytest.raises(InputError, match="same file as the input"):
         check_not_input(tmp_path / "." / "in.star", f)
+
+
+def test_other_ranks_wait_for_rank_0_s_claim(tmp_path: Path) -> None:
+    """torchrun: the other ranks wait for rank 0's marker instead of judging the folder it is
+    creating (a half-made folder looked like someone else's: the DDP test failed under load)."""
+    import threading
+
+    from deephemnma_bridge.fileutils import await_output_dir, claim_output_dir, output_owner
+
+    out = tmp_path / "net"  # rank 0 creates it half a second later
+    timer = threading.Timer(0.5, claim_output_dir, args=(out,), kwargs={"command": "train"})
+    timer.start()
+    try:
+        assert await_output_dir(out, command="train", timeout_seconds=30) == out
+    finally:
+        timer.join()
+    assert output_owner(out) == "train"
+    with pytest.raises(InputError, match="rank 0 did not claim"):
+        await_output_dir(tmp_path / "never", command="train", timeout_seconds=0.3)

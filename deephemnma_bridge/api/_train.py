@@ -194,7 +194,12 @@ def train(
     """
     from ..adapters import ParticleImages
     from ..device import resolve_device
-    from ..fileutils import check_not_input, check_output_dir, claim_output_dir
+    from ..fileutils import (
+        await_output_dir,
+        check_not_input,
+        check_output_dir,
+        claim_output_dir,
+    )
     from ..training.data import CTF_FIELDS
     from ..training.trainer import config_from_preset
     from ..training.trainer import train as fit
@@ -301,7 +306,10 @@ def train(
             device=resolve_device(device),
             log=log,
         )
-    claim_output_dir(out, command="train", inputs=inputs, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_output_dir(out, command="train", inputs=inputs, overwrite=overwrite)
+    else:  # torchrun: rank 0 checks and claims the folder
+        await_output_dir(out, command="train")
     summary = fit(
         ParticleImages(table),
         ctf,
