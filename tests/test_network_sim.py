@@ -305,3 +305,71 @@ def test_grid_scores_come_straight_from_the_backbone() -> None:
         torch.testing.assert_close(out[:, -2:], mlp[:, 3:])
     with pytest.raises(ValueError, match="outside"):
         DeepHEMNMANet(5, grid_slice=(3, 9))
+
+
+def test_conditioned_head_reads_the_orientation_of_a_bin() -> None:
+    from deephemnma_bridge.training.model import DeepHEMNMANet
+
+    spec = TargetSpec.create("all", n_modes=3, orientation_head="grid", grid_step_degrees=30.0)
+    assert spec.grid is not None and spec.grid_outputs is not None
+    q = spec.grid.quaternions
+    torch.manual_seed(0)
+    net = DeepHEMNMANet(
+        spec.n_outputs,
+        backbone="resnet18",
+        grid_slice=spec.grid_outputs,
+        condition_quaternions=q,
+    )
+    net.eval()
+    assert net.conditioned
+    x = torch.randn(3, 1, 32, 32)
+    far = torch.stack([q[0], q[0], q[0]])
+    other = torch.stack([q[5], q[9], q[0]])
+    with torch.no_grad():
+        feats = net.backbone(x)
+        # untrained, the conditioning leaves the features as they are
+        torch.testing.assert_close(net(x, far)[:, :3], net.head(feats)[:, :3])
+        assert net.condition is not None
+        torch.nn.init.normal_(net.condition[-1].weight, std=0.1)
+        a, b = net(x, far), net(x, other)
+        assert not torch.allclose(a[:2, :3], b[:2, :3])  # other bins, other amplitudes
+        torch.testing.assert_close(a[2], b[2])  # the same bin
+        # a rotation 5° from a bin centre reads that bin; -q is the same rotation
+        tilt = torch.tensor([math.cos(math.radians(2.5)), math.sin(math.radians(2.5)), 0.0, 0.0])
+        near = torch.tensor(
+            matrix_to_quaternion(
+                quaternion_to_matrix_t(q[5:6]).numpy()
+                @ (quaternion_to_matrix_t(tilt[None]).numpy())
+            ),
+            dtype=torch.float32,
+        )
+        torch.testing.assert_close(net(x[:1], -near)[0], b[0])
+        # without orientations, the top-scored bin conditions the MLP
+        top = net.grid_head(feats).argmax(1)  # type: ignore[misc]
+        torch.testing.assert_close(net(x), net(x, q[top]))
+    with pytest.raises(ValueError, match="grid head"):
+        DeepHEMNMANet(9, backbone="resnet18", condition_quaternions=q)
+
+
+def test_train_conditioned_on_the_orientation(
+    aligned: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    al, modes = str(aligned / "al" / "particles.star"), str(aligned / "sim" / "modes.npz")
+    net = tmp_path / "net"
+    argv = ["train", al, "--out", str(net), *FAST_TRAIN, "--epochs", "2", "--synthetic-epochs"]
+    argv += ["1", "--synthetic-batches", "2", "--orientation-head", "grid", "--grid-step", "30"]
+    argv += ["--modes", modes, "--backbone", "resnet18", "--condition-on-orientation"]
+    assert main(argv) == 0
+    model, meta = load_checkpoint(net / "last.pt")
+    assert meta["train"]["condition_on_orientation"] and model.conditioned
+    assert model.condition is not None
+    assert float(model.condition[-1].weight.detach().abs().sum()) > 0  # learned from 0
+    out = tmp_path / "pred"
+    argv = ["predict", str(aligned / "sim" / "particles.star"), "--checkpoint", str(net)]
+    assert main([*argv, "--out", str(out)]) == 0
+    extra = read_particles(out / "particles.star").extra
+    amps = np.array([np.asarray(extra[f"dhnAmplitude{m}"], dtype=float) for m in (7, 8, 9)])
+    assert amps.shape == (3, 24) and np.isfinite(amps).all()
+    bad = ["train", al, "--out", str(tmp_path / "q"), *FAST_TRAIN, "--condition-on-orientation"]
+    assert main(bad) == 2
+    assert "--orientation-head grid" in capsys.readouterr().err

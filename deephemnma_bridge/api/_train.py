@@ -108,6 +108,7 @@ def train(
     seed: int | None = None,
     orientation_head: str | None = None,
     grid_step_degrees: float | None = None,
+    condition_on_orientation: bool | None = None,
     synthetic_epochs: int | None = None,
     synthetic_batches: int | None = None,
     modes: ModesLike | None = None,
@@ -151,6 +152,9 @@ def train(
         The paper's quaternion regression, or scores over an SO(3) grid.
     grid_step_degrees : float, optional
         Grid step of the grid head (15).
+    condition_on_orientation : bool, optional
+        Grid head only: the amplitudes and shifts are read in the light of the top-scored
+        rotation (default off).
     synthetic_epochs, synthetic_batches : int, optional
         First epochs on images rendered from ``modes``.
     modes : NormalModes or path, optional
@@ -239,6 +243,7 @@ def train(
         loss_weights=weights,
         orientation_head=orientation_head,
         grid_step_degrees=grid_step_degrees,
+        condition_on_orientation=condition_on_orientation,
         synthetic_epochs=synthetic_epochs,
         synthetic_batches=synthetic_batches,
         backbone=backbone,

@@ -84,6 +84,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     p("--grid-step", type=float, default=None, help="SO(3) grid step of the grid head (15°)")
     p(
+        "--condition-on-orientation",
+        action="store_true",
+        default=None,
+        help="grid head: read the amplitudes and shifts in the light of the top-scored rotation "
+        "(its matrix scales and offsets the backbone's features; trained with the bin nearest "
+        "the truth)",
+    )
+    p(
         "--synthetic-epochs",
         type=int,
         default=None,
@@ -126,6 +134,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         orientation_head=args.orientation_head,
         grid_step_degrees=args.grid_step,
+        condition_on_orientation=args.condition_on_orientation,
         synthetic_epochs=args.synthetic_epochs,
         synthetic_batches=args.synthetic_batches,
         modes=args.modes,

@@ -4,6 +4,12 @@
 pooled features; the MLP has hidden layers of 1000, 512 and 128 units with ReLU and dropout
 0.5, then a linear output (METHOD.md section 4). No weights are downloaded.
 
+With the grid head, ``condition_quaternions`` (the grid's rotations) makes the MLP's outputs
+(amplitudes, shifts) depend on the orientation: the rotation of the top-scored bin (in training,
+the bin nearest the true orientation) is embedded by a small MLP into a scale and an offset of
+every backbone feature (FiLM, Perez et al. 2018), so that the head reads a mode's displacement
+the way it looks in that view.
+
 Example
 -------
 >>> import torch
@@ -20,6 +26,8 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+
+from .so3 import quaternion_to_matrix_t
 
 __all__ = ["DeepHEMNMANet"]
 
@@ -41,6 +49,8 @@ class DeepHEMNMANet(nn.Module):
         hidden: Sequence[int] = (1000, 512, 128),
         dropout: float = 0.5,
         grid_slice: tuple[int, int] | None = None,
+        condition_quaternions: torch.Tensor | None = None,
+        condition_hidden: int = 256,
     ) -> None:
         super().__init__()
         self.backbone = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0)
@@ -60,13 +70,52 @@ class DeepHEMNMANet(nn.Module):
         layers.append(nn.Linear(width, n_outputs - n_grid))
         self.head = nn.Sequential(*layers)
         self.grid_head = nn.Linear(features, n_grid) if n_grid else None
+        self.condition: nn.Module | None = None
+        if condition_quaternions is not None:
+            if self.grid_head is None or condition_quaternions.shape != (n_grid, 4):
+                raise ValueError(
+                    f"conditioning needs the grid head and its {n_grid} quaternions, got "
+                    f"{tuple(condition_quaternions.shape)}"
+                )
+            self.register_buffer(
+                "condition_quaternions", condition_quaternions.float().clone(), persistent=False
+            )
+            # the last layer starts at zero: an untrained conditioning leaves features as they are
+            last = nn.Linear(condition_hidden, 2 * features)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.condition = nn.Sequential(
+                nn.Linear(9, condition_hidden), nn.ReLU(inplace=True), last
+            )
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 1, H, W) -> raw outputs (B, n_outputs)."""
+    @property
+    def conditioned(self) -> bool:
+        """Whether the MLP's outputs depend on the orientation (`condition_quaternions`)."""
+        return self.condition is not None
+
+    def forward(
+        self, images: torch.Tensor, orientations: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Images (B, 1, H, W) -> raw outputs (B, n_outputs).
+
+        ``orientations`` (B, 4), unit quaternions, only for a conditioned network in training:
+        the bin nearest each conditions the MLP instead of the top-scored one."""
         features = self.backbone(images)
-        out: torch.Tensor = self.head(features)
-        if self.grid_head is not None and self.grid_slice is not None:
+        grid = self.grid_head(features) if self.grid_head is not None else None
+        if self.condition is not None and grid is not None:
+            q = self.condition_quaternions
+            assert isinstance(q, torch.Tensor)
+            if orientations is None:
+                bins = grid.detach().argmax(dim=1)
+            else:
+                bins = (orientations.to(q) @ q.T).abs().argmax(dim=1)
+            rot = quaternion_to_matrix_t(q[bins]).reshape(len(bins), 9).to(features.dtype)
+            scale, offset = self.condition(rot).chunk(2, dim=1)
+            head_in = features * (1 + scale) + offset
+        else:
+            head_in = features
+        out: torch.Tensor = self.head(head_in)
+        if grid is not None and self.grid_slice is not None:
             start = self.grid_slice[0]
-            grid = self.grid_head(features)
             out = torch.cat([out[:, :start], grid, out[:, start:]], dim=1)
         return out

@@ -71,6 +71,8 @@ class TrainConfig:
     synthetic_epochs: int = 0
     synthetic_batches: int = 100
     channels_last: bool = True
+    # grid head only: amplitudes and shifts read in the light of the orientation (model.py)
+    condition_on_orientation: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -95,6 +97,11 @@ class TrainConfig:
             raise InputError(
                 f"--synthetic-epochs ({self.synthetic_epochs}) is more than --epochs "
                 f"({self.epochs}): the synthetic epochs are counted in --epochs"
+            )
+        if self.condition_on_orientation and self.orientation_head != "grid":
+            raise InputError(
+                "--condition-on-orientation needs the grid head (--orientation-head grid): the "
+                "amplitudes are read in the light of its top-scored rotation"
             )
         if self.augment and not self.soft_mask:
             raise InputError(
@@ -194,6 +201,7 @@ def load_checkpoint(path: str | Path) -> tuple[DeepHEMNMANet, dict[str, Any]]:
             grid_slice=spec.grid_outputs if direct else None,
             backbone=str(meta["train"].get("backbone", "resnet34")),
             dropout=float(meta["train"].get("dropout", 0.5)),
+            condition_quaternions=_condition(spec, meta["train"]),
         )
         model.load_state_dict(payload["model"])
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
@@ -203,6 +211,16 @@ def load_checkpoint(path: str | Path) -> tuple[DeepHEMNMANet, dict[str, Any]]:
         ) from None
     model.eval()
     return model, meta
+
+
+def _condition(spec: TargetSpec, train: dict[str, Any]) -> torch.Tensor | None:
+    """The grid rotations that condition the MLP (`model.DeepHEMNMANet`), or None."""
+    grid = spec.grid
+    if not train.get("condition_on_orientation", False) or grid is None:
+        return None
+    if not {"amplitudes", "shifts"} & set(spec.parts):
+        return None  # nothing but the grid to predict: nothing to condition
+    return grid.quaternions
 
 
 def _plot(history: list[dict[str, float]], path: Path) -> None:
@@ -331,6 +349,7 @@ def train(
         backbone=config.backbone,
         dropout=config.dropout,
         grid_slice=spec.grid_outputs,
+        condition_quaternions=_condition(spec, asdict(config)),
     )
     model = model.to(device)
     if config.channels_last:
@@ -456,8 +475,10 @@ def train(
                 x, y = rotate_inplane(
                     x, y, angles, spec.label_slices, spec.shift_mean, spec.shift_std
                 )
+            # a conditioned network reads amplitudes in the light of the bin nearest the truth
+            truth = y[:, spec.label_slices["orientation"]] if model.conditioned else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                pred = net(x[:, None])
+                pred = net(x[:, None], truth)
             loss, _ = target_loss(spec, pred.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
