@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +61,20 @@ def torchrun(argv: list[str], tmp_path: Path, nproc: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def modes_of_nodes(xyz: Any) -> Any:
+    """A `NormalModes` of these nodes with one dummy mode (for what looks at the nodes only,
+    e.g. `symmetry_group`)."""
+    import numpy as np
+
+    from deephemnma_bridge.nma.modes import NormalModes
+
+    n = len(xyz)
+    return NormalModes(
+        coordinates=np.asarray(xyz, dtype=np.float64),
+        eigenvalues=np.zeros(1),
+        vectors=np.full((1, n, 3), 1.0 / np.sqrt(3 * n)),
+        mode_numbers=np.ones(1, dtype=np.int64),
+        collectivity=np.ones(1),
+    )

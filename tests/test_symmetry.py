@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared
+from conftest import modes_of_nodes, shared
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from deephemnma_bridge.cli import main
 from deephemnma_bridge.conventions import angle_between_rotations_degrees, euler_to_matrix
 from deephemnma_bridge.errors import InputError
-from deephemnma_bridge.nma import NormalModes
 from deephemnma_bridge.symmetry import (
     angle_between_rotations_modulo,
     find_symmetry_frame,
@@ -189,33 +188,21 @@ def test_pseudo_symmetric_pentamer_4yvs_and_asymmetric_adk() -> None:
     assert find_symmetry_frame(adk, "C5")[1] > spacing
 
 
-def _modes_of(xyz: np.ndarray) -> NormalModes:
-    """A modes file of these nodes (symmetry_group looks at the nodes only)."""
-    n = len(xyz)
-    return NormalModes(
-        coordinates=np.asarray(xyz, dtype=np.float64),
-        eigenvalues=np.zeros(1),
-        vectors=np.full((1, n, 3), 1.0 / np.sqrt(3 * n)),
-        mode_numbers=np.ones(1, dtype=np.int64),
-        collectivity=np.ones(1),
-    )
-
-
 def test_align_symmetry_group_of_a_modes_file() -> None:
     from deephemnma_bridge.cli.align import _symmetry, symmetry_group
 
     x = _symmetric_cloud("C3", n_motif=30)
-    group, info = symmetry_group(_modes_of(x), "C3")
+    group, info = symmetry_group(modes_of_nodes(x), "C3")
     assert info["relion_axes"] and info["order"] == 3
     np.testing.assert_allclose(group, point_group("C3"), atol=1e-12)
     q = Rotation.from_euler("zyz", [20, 70, 10], degrees=True).as_matrix()
-    group, info = symmetry_group(_modes_of(x @ q.T + [5.0, -3.0, 8.0]), "C3")
+    group, info = symmetry_group(modes_of_nodes(x @ q.T + [5.0, -3.0, 8.0]), "C3")
     assert not info["relion_axes"]
     assert abs(np.dot(info["n_fold_axis"], q @ [0.0, 0.0, 1.0])) > 0.9999
     np.testing.assert_allclose(group[1] @ q[:, 2], q[:, 2], atol=1e-6)  # turns about that axis
-    assert symmetry_group(_modes_of(x), "C1") == (None, {"symbol": "C1"})
+    assert symmetry_group(modes_of_nodes(x), "C1") == (None, {"symbol": "C1"})
     with pytest.raises(InputError, match="not D5-symmetric"):
-        symmetry_group(_modes_of(x), "D5")
+        symmetry_group(modes_of_nodes(x), "D5")
     assert _symmetry("d2") == "D2"
     with pytest.raises(argparse.ArgumentTypeError):
         _symmetry("I2")

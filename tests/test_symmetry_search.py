@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared
+from conftest import modes_of_nodes, shared
 from scipy.spatial import cKDTree
 
 from deephemnma_bridge.alignment.ctf import CTFParams, ctf_2d
@@ -240,18 +240,6 @@ def test_poses_already_right_stay_and_fixed_poses_ignore_the_copies(
         align_batch(torch.tensor(images), ctf, other, config, symmetry=copies, **kwargs)  # type: ignore[arg-type]
 
 
-def _modes_of(xyz: np.ndarray) -> NormalModes:
-    """A modes file of these nodes (symmetry_group looks at the nodes only)."""
-    n = len(xyz)
-    return NormalModes(
-        coordinates=np.asarray(xyz, dtype=np.float64),
-        eigenvalues=np.zeros(1),
-        vectors=np.full((1, n, 3), 1.0 / np.sqrt(3 * n)),
-        mode_numbers=np.ones(1, dtype=np.int64),
-        collectivity=np.ones(1),
-    )
-
-
 def test_pseudo_symmetric_rings_are_accepted_asymmetric_models_are_not() -> None:
     """Six copies of a subunit, each moved by ~1.5 Å and turned a little (subunits in different
     states): not invariant node by node, but far closer to C6 than to C6 turned by 30°."""
@@ -265,14 +253,14 @@ def test_pseudo_symmetric_rings_are_accepted_asymmetric_models_are_not() -> None
         pseudo[sub] += rng.normal(size=3) * 1.5 + rng.normal(size=(N_MOTIF, 3)) * 0.8
     assert symmetry_deviation(pseudo, point_group("C6")) > 0.75 * node_spacing(pseudo)
     assert symmetry_deviation(pseudo, point_group("C6")) < 0.8 * half_step_deviation(pseudo, "C6")
-    group, info = symmetry_group(_modes_of(pseudo), "C6")
+    group, info = symmetry_group(modes_of_nodes(pseudo), "C6")
     assert info["pseudo"] and info["half_step_deviation_angstrom"] > info["deviation_angstrom"]
     assert group.shape == (6, 3, 3)
-    _, exact_info = symmetry_group(_modes_of(exact), "C6")
+    _, exact_info = symmetry_group(modes_of_nodes(exact), "C6")
     assert not exact_info["pseudo"] and exact_info["half_step_deviation_angstrom"] is None
     blob = np.random.default_rng(2).normal(size=(72, 3)) * 12.0  # no symmetry
     with pytest.raises(InputError, match="nor pseudo-symmetric"):
-        symmetry_group(_modes_of(blob), "C6")
+        symmetry_group(modes_of_nodes(blob), "C6")
 
 
 def test_7pbl_is_pseudo_c6_not_c3_or_d3() -> None:
@@ -284,7 +272,7 @@ def test_7pbl_is_pseudo_c6_not_c3_or_d3() -> None:
     from deephemnma_bridge.coarse_grain import coarse_grain
 
     model = coarse_grain(read_structure(shared("structures/7pbl.pdb")), nodes="ca")
-    modes = _modes_of(np.asarray(model.coordinates_angstrom))
+    modes = modes_of_nodes(np.asarray(model.coordinates_angstrom))
     group, info = symmetry_group(modes, "C6")
     assert info["pseudo"] and info["relion_axes"] and len(group) == 6
     assert symmetry_group(modes, "C2")[1]["pseudo"]
