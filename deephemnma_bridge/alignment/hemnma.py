@@ -461,6 +461,28 @@ class _Band:
         )
         return full[:, self.band.row_index, : self.band.n_cols]
 
+    def similarity(
+        self,
+        x_re: torch.Tensor,
+        x_im: torch.Tensor,
+        ctf: torch.Tensor | None,
+        reference: ReferenceModel,
+        rot: torch.Tensor,
+        org: torch.Tensor,
+        q: torch.Tensor,
+        sigma_angstrom: float,
+    ) -> torch.Tensor:
+        """NCC (B,) of the band's image coefficients ``x`` with the templates of ``reference``
+        deformed by ``q`` at poses ``rot``, ``org``, times ``ctf`` (the band's part) if given."""
+        coords = reference.deformed(q)  # (B, N, 3)
+        pos = torch.einsum("bij,bnj->bni", rot[:, :2, :], coords) - org[:, None, :]
+        t_re, t_im = render_fourier(
+            pos, self.band, sigma_angstrom=sigma_angstrom, weights=reference.weights
+        )
+        if ctf is not None:
+            t_re, t_im = t_re * ctf, t_im * ctf
+        return _ncc(t_re, t_im, x_re, x_im, self.weight)
+
 
 def _ncc(
     t_re: torch.Tensor, t_im: torch.Tensor, x_re: torch.Tensor, x_im: torch.Tensor, w: torch.Tensor
@@ -729,14 +751,7 @@ def _refine(
 
     def similarity() -> torch.Tensor:
         rot = _skew_expm(d) @ rot0
-        coords = reference.deformed(q)  # (n, N, 3)
-        pos = torch.einsum("bij,bnj->bni", rot[:, :2, :], coords) - o[:, None, :]
-        t_re, t_im = render_fourier(
-            pos, sb.band, sigma_angstrom=config.sigma_angstrom, weights=reference.weights
-        )
-        if c is not None:
-            t_re, t_im = t_re * c, t_im * c
-        return _ncc(t_re, t_im, x_re, x_im, sb.weight)
+        return sb.similarity(x_re, x_im, c, reference, rot, o, q, config.sigma_angstrom)
 
     half = iterations // 2
     mid = (q0.clone(), rot0.clone(), org0.clone())
@@ -868,15 +883,10 @@ def _similarity(
         for start in range(0, rot.shape[0], chunk):
             sl = slice(start, start + chunk)
             x_re, x_im = sb.band.extract(spectra[sl])
-            coords = reference.deformed(q[sl])
-            pos = project_positions(coords, rot[sl], org[sl])
-            t_re, t_im = render_fourier(
-                pos, sb.band, sigma_angstrom=config.sigma_angstrom, weights=reference.weights
+            c = None if ctf_full is None else ctf_full[sl, sb.band.row_index, : sb.band.n_cols]
+            out[sl] = sb.similarity(
+                x_re, x_im, c, reference, rot[sl], org[sl], q[sl], config.sigma_angstrom
             )
-            if ctf_full is not None:
-                c = ctf_full[sl, sb.band.row_index, : sb.band.n_cols]
-                t_re, t_im = t_re * c, t_im * c
-            out[sl] = _ncc(t_re, t_im, x_re, x_im, sb.weight)
     return out
 
 
@@ -948,6 +958,44 @@ def _symmetry_screen(
     return q_k[best], rot_k[best], org_k[best], which
 
 
+def _with_copies(
+    spectra: torch.Tensor,
+    ctf_for_template: torch.Tensor | None,
+    reference: ReferenceModel,
+    rot: torch.Tensor,
+    org: torch.Tensor,
+    q: torch.Tensor,
+    config: AlignmentConfig,
+    box: int,
+    pixel_size_angstrom: float,
+    copies: SymmetryCopies,
+    *,
+    keep_unmoved: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each particle's best pose after `_symmetry_screen` (``keep_unmoved``: the given one where
+    the screen chose the pose itself), then, for each particle moved to another copy, a second
+    row with its own pose, to be refined alongside: (q, A, o, which element (B,), the particle
+    of each row (B + moved,))."""
+    q_s, rot_s, org_s, which = _symmetry_screen(
+        spectra, ctf_for_template, reference, rot, org, q, config, box, pixel_size_angstrom,
+        copies,
+    )  # fmt: skip
+    moved = which > 0
+    own = torch.nonzero(moved).flatten()
+    if keep_unmoved:
+        q_s = torch.where(moved[:, None], q_s, q)
+        rot_s = torch.where(moved[:, None, None], rot_s, rot)
+        org_s = torch.where(moved[:, None], org_s, org)
+    rows = torch.cat([torch.arange(len(q), device=q.device), own])
+    return (
+        torch.cat([q_s, q[own]]),
+        torch.cat([rot_s, rot[own]]),
+        torch.cat([org_s, org[own]]),
+        which,
+        rows,
+    )
+
+
 def _refine_candidates(
     spectra: torch.Tensor,
     ctf_for_template: torch.Tensor | None,
@@ -997,20 +1045,14 @@ def _refine_candidates(
             )  # fmt: skip
             best = ncc.reshape(b, per).argmax(dim=1) + torch.arange(b, device=device) * per
             q, rot, org = q[best], rot[best], org[best]
-            if copies is not None:
-                q_s, rot_s, org_s, which = _symmetry_screen(
+            if copies is not None:  # not refined at this band yet: every screened pose
+                q, rot, org, which, rows_x = _with_copies(
                     spectra, ctf_for_template, reference, rot, org, q, config, box,
-                    pixel_size_angstrom, copies,
+                    pixel_size_angstrom, copies, keep_unmoved=False,
                 )  # fmt: skip
-                own = torch.nonzero(which > 0).flatten()
-                q, rot, org = (
-                    torch.cat([q_s, q[own]]), torch.cat([rot_s, rot[own]]),
-                    torch.cat([org_s, org[own]]),
-                )  # fmt: skip
-                spec_x = torch.cat([spectra, spectra[own]])
-                ctf_x = None if ctf_for_template is None else ctf_for_template[
-                    torch.cat([torch.arange(b, device=device), own])
-                ]  # fmt: skip
+                own = rows_x[b:]
+                spec_x = spectra[rows_x]
+                ctf_x = None if ctf_for_template is None else ctf_for_template[rows_x]
             q, rot, org, ncc, moving1 = _refine_until_settled(
                 spec_x, ctf_x, reference, rot, org, q, config, 0, box, pixel_size_angstrom,
                 rigid=rigid,
@@ -1026,16 +1068,12 @@ def _refine_candidates(
             q, rot, org, ncc, moving1 = q[best], rot[best], org[best], ncc[best], moving1[best]
             fresh = torch.zeros_like(moving1)
             if copies is not None:  # a particle moved to another copy gets the band afresh
-                q_s, rot_s, org_s, which = _symmetry_screen(
+                q, rot, org, which, rows_x = _with_copies(
                     spectra, ctf_for_template, reference, rot, org, q, config, box,
-                    pixel_size_angstrom, copies,
+                    pixel_size_angstrom, copies, keep_unmoved=True,
                 )  # fmt: skip
-                moved = which > 0  # the others keep where this band left them
-                own = torch.nonzero(moved).flatten()
-                rows_x = torch.cat([torch.arange(b, device=device), own])
-                q = torch.cat([torch.where(moved[:, None], q_s, q), q[own]])
-                rot = torch.cat([torch.where(moved[:, None, None], rot_s, rot), rot[own]])
-                org = torch.cat([torch.where(moved[:, None], org_s, org), org[own]])
+                own = rows_x[b:]
+                moved = which > 0
                 ncc, moving1 = ncc[rows_x], moving1[rows_x]
                 fresh = torch.cat([moved, torch.zeros_like(moved[own])])
                 spec_x = spectra[rows_x]
