@@ -93,6 +93,7 @@ from deephemnma_bridge.conventions import (
 )
 from deephemnma_bridge.evaluation import ground_truth_errors
 from deephemnma_bridge.nma import NormalModes
+from deephemnma_bridge.nma.modes import parse_mode_numbers
 from deephemnma_bridge.simulate import project_displacement
 
 CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
@@ -291,22 +292,6 @@ def origin_sign(
     )
 
 
-def centre_of_modes(modes: NormalModes) -> NDArray[np.float64]:
-    """The reference's rotation centre, as build_reference / ReferenceModel.from_modes take it."""
-    centre = modes.settings.get("map_centre_angstrom")
-    if centre is not None:
-        return np.asarray(centre, dtype=np.float64)
-    return np.asarray(modes.coordinates, dtype=np.float64).mean(axis=0)
-
-
-def parse_modes(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b or a) + 1))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -352,7 +337,7 @@ def main() -> None:
     _, cpu_modes, _ = run([*CLI, *cmd, "--overwrite"])
     print(f"  $ deephemnma {' '.join(cmd)} --overwrite  ({cpu_modes:.1f} CPU-s)")
     modes = NormalModes.load(modes_path)
-    centre = centre_of_modes(modes)
+    centre = modes.rotation_centre
     info: dict[str, Any] = {"centre_angstrom": centre.tolist(), "args": vars(args)}
 
     # --- the structure rendered
@@ -372,7 +357,7 @@ def main() -> None:
         )
         st = read_model(args.conformation, args.conformation_chains.split(","))
         move(st, conf.rotation, conf.translation)
-        use_modes = parse_modes(args.conformation_modes)
+        use_modes = parse_mode_numbers(args.conformation_modes)
         selected = modes.select(use_modes)
         displacement = conf.node_coordinates - np.asarray(modes.coordinates)
         projection, _, carried = project_displacement(selected.vectors, displacement)

@@ -90,7 +90,6 @@ def build_reference(
     rigid = [m for m in use_modes if m <= 6]
     if rigid:
         raise InputError(f"--use-modes {rigid}: modes 1-6 are rigid-body motions; use 7 and up")
-    centre = modes.settings.get("map_centre_angstrom")
     if template != "nodes" and modes.atom_coordinates is None:
         template = "nodes"  # pseudoatoms of a map: the nodes are the density
 
@@ -103,7 +102,7 @@ def build_reference(
             deformation=deformation,  # type: ignore[arg-type]
             atom_coordinates=modes.atom_coordinates,
             atom_node=modes.atom_node,
-            centre_angstrom=None if centre is None else np.asarray(centre),
+            centre_angstrom=modes.rotation_centre,
             device=device,
         )
 
@@ -225,9 +224,7 @@ def symmetry_group(modes: Any, symbol: str) -> tuple[Any, dict[str, Any]]:
 
     if symbol == "C1":
         return None, {"symbol": "C1"}
-    centre = modes.settings.get("map_centre_angstrom")
-    xyz = np.asarray(modes.coordinates, dtype=np.float64)
-    xyz = xyz - (xyz.mean(axis=0) if centre is None else np.asarray(centre, dtype=np.float64))
+    xyz = np.asarray(modes.coordinates, dtype=np.float64) - modes.rotation_centre
     limit = 0.75 * node_spacing(xyz)  # a node moved by g lands within this of another one
     frame = np.eye(3)
     deviation = symmetry_deviation(xyz, point_group(symbol))
@@ -507,6 +504,8 @@ def align(
         n_auto_modes=n_auto_modes,
     )
     group, symmetry_info = symmetry_group(all_modes, symmetry)
+    # the search tries the equivalent poses (a group, and poses that may move)
+    search_copies = bool(symmetry_search and group is not None and poses != "fixed")
     if int(os.environ.get("RANK", "0")) == 0:
         for line in mode_table_lines(mode_table, threshold):
             say(log, line)
@@ -518,11 +517,7 @@ def align(
                 if symmetry_info["pseudo"]
                 else ""
             )
-            search = (
-                "equivalent poses searched"
-                if symmetry_search and poses != "fixed"
-                else "poses folded only"
-            )
+            search = "equivalent poses searched" if search_copies else "poses folded only"
             say(
                 log,
                 f"symmetry {symmetry} about {axes} (n-fold axis "
@@ -547,7 +542,7 @@ def align(
         "use_modes_requested": requested,
         "min_collectivity": threshold,
         "symmetry": symmetry,
-        "symmetry_search": bool(symmetry_search and group is not None and poses != "fixed"),
+        "symmetry_search": search_copies,
         "template": used_template,
         "final_template": "atoms" if final_reference is not None else used_template,
         "deformation": deformation,
@@ -576,7 +571,7 @@ def align(
         desc=f"align[{run.rank}]" if run.world > 1 else "align",
     )
     copies = None
-    if settings["symmetry_search"]:  # the equivalent poses, each with its copy's amplitudes
+    if search_copies:  # the equivalent poses, each with its copy's amplitudes
         copies = SymmetryCopies.build(reference, group)
     with run.guard():
         library = None
@@ -677,7 +672,7 @@ def align(
             "modes_table": mode_table,
             "symmetry": {
                 **symmetry_info,
-                "search": settings["symmetry_search"],
+                "search": search_copies,
                 "n_moved_by_search": int(merged["moved"].sum()),
                 "poses": "unchanged"
                 if group is None
@@ -691,7 +686,7 @@ def align(
     failed = f", {info['n_failed']} failed (NaN cost)" if info["n_failed"] else ""
     flagged = "" if flagged_rows is None else f", {int(flagged_rows.sum())} outliers flagged"
     if group is not None:
-        if settings["symmetry_search"]:
+        if search_copies:
             flagged += (
                 f", {int(merged['moved'].sum())} moved to an equivalent pose by the {symmetry} "
                 "search"

@@ -134,6 +134,15 @@ class NormalModes:
     def n_nodes(self) -> int:
         return int(self.coordinates.shape[0])
 
+    @property
+    def rotation_centre(self) -> NDArray[np.float64]:
+        """The point poses rotate about (Å): the map's centre for modes of a map
+        (``settings["map_centre_angstrom"]``), else the nodes' centroid."""
+        centre = self.settings.get("map_centre_angstrom")
+        if centre is not None:
+            return np.asarray(centre, dtype=np.float64)
+        return np.asarray(self.coordinates, dtype=np.float64).mean(axis=0)
+
     def select(self, mode_numbers: ArrayLike) -> NormalModes:
         """The modes with these 1-based numbers, in the order given."""
         wanted = np.atleast_1d(np.asarray(mode_numbers, dtype=np.int64))
