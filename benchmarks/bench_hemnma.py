@@ -192,11 +192,16 @@ def unfolded(aligned: Path) -> ParticleTable:
     )
 
 
+def true_rotations(table: ParticleTable) -> NDArray[np.float64]:
+    """The simulator's true poses (n, 3, 3), from the ``_dhnTrueAngle*`` columns."""
+    e = table.extra
+    return euler_to_matrix(np.stack([e[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1))
+
+
 def true_angles(table: ParticleTable) -> NDArray[np.float64]:
     """Angle (°) of every particle's pose to its true pose."""
-    e = table.extra
-    true = euler_to_matrix(np.stack([e[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1))
     assert table.rotation_matrices is not None
+    true = true_rotations(table)
     return np.asarray(angle_between_rotations_degrees(table.rotation_matrices, true))
 
 
@@ -391,7 +396,7 @@ def model_floor(work: Path, sim: Path, n: int, nonlinear: bool) -> NDArray[np.fl
     table = read_particles(sim / "particles.star")
     rows = np.arange(min(n, len(table)))
     e = table.extra
-    true = euler_to_matrix(np.stack([e[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1))
+    true = true_rotations(table)
     origins = np.stack([e["dhnTrueOriginXAngst"], e["dhnTrueOriginYAngst"]], 1)
     pixel, box = float(table.pixel_size_angstrom[0]), int(table.box_size_px[0])
     reference, _, final = build_reference(
@@ -614,8 +619,7 @@ def case_scale(work: Path, args: argparse.Namespace) -> None:
     table = read_particles(out)
     s = errors(table)
     row("4YVS 26k atoms", n, s, cpu, wall)
-    e = table.extra
-    true = euler_to_matrix(np.stack([e[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1))
+    true = true_rotations(table)
     assert table.rotation_matrices is not None
     group = c5_group(structure)
     mod = np.min(
