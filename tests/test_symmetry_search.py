@@ -356,3 +356,36 @@ def test_align_symmetry_moves_particles_started_on_copies(tmp_path: Path) -> Non
     # the candidate's own pose is refined alongside a copy: the search never ends worse
     assert np.all(costs["c4"] <= costs["plain"] + 1e-5)
     assert np.sum(costs["c4"] < costs["plain"] - 1e-3) >= right.sum()
+
+
+def test_symmetry_search_without_a_group_is_refused(tmp_path: Path) -> None:
+    """``--symmetry-search`` alone (C1) names the missing option and writes nothing."""
+    from deephemnma_bridge.api import align
+    from deephemnma_bridge.cli import main
+
+    modes = _subunit_modes(4, [(0, [1.0, 0.0, 0.3])])
+    NormalModes(
+        coordinates=_ring("C4"),
+        eigenvalues=np.array([1.0]),
+        vectors=modes,
+        mode_numbers=np.array([7]),
+        collectivity=np.array([0.25]),
+    ).save(tmp_path / "ring.npz")
+    sim = tmp_path / "sim"
+    argv = ["simulate", "--modes", str(tmp_path / "ring.npz"), "--use-modes", "7"]
+    argv += ["--render", "nodes", "--n", "2", "--box", "32", "--pixel-size", "2", "--seed", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert main([*argv, "--out", str(sim), "--device", "cpu"]) == 0
+    argv = ["align", str(sim / "particles.star"), "--modes", str(sim / "modes.npz")]
+    argv += ["--use-modes", "7", "--symmetry-search", "--out", str(tmp_path / "out")]
+    with pytest.raises(InputError, match="--symmetry-search .* --symmetry is C1"):
+        align(
+            sim / "particles.star",
+            sim / "modes.npz",
+            out=tmp_path / "out",
+            use_modes=[7],
+            symmetry_search=True,
+        )
+    assert main([*argv, "--device", "cpu"]) != 0
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -504,6 +504,11 @@ def align(
         n_auto_modes=n_auto_modes,
     )
     group, symmetry_info = symmetry_group(all_modes, symmetry)
+    if symmetry_search and group is None:
+        raise InputError(
+            f"--symmetry-search tries the symmetry copies of each pose and needs a group, "
+            f"but --symmetry is {symmetry}: add --symmetry Cn or Dn (or drop --symmetry-search)"
+        )
     # the search tries the equivalent poses (a group, and poses that may move)
     search_copies = bool(symmetry_search and group is not None and poses != "fixed")
     if int(os.environ.get("RANK", "0")) == 0:
