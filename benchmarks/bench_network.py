@@ -22,8 +22,10 @@
 4. Inference throughput on every simulated particle: end to end (``deephemnma predict``:
    stack -> STAR, the loop's rate as the command prints it) and the bare forward pass of the
    same network (the checkpoint's architecture and weights, eval, no grad) on a random tensor
-   of the same size and batch (``--infer-batch``), alternated ``--runs`` (2) times in the same
-   run; medians, their ratio and the load averages. ``--throughput-only`` runs just this step
+   of the same size and batch (``--infer-batch``), over every thread and, with more than one,
+   as one 1-thread forward per thread side by side (how ``predict`` runs on the CPU),
+   alternated ``--runs`` (2) times in the same run; medians, the ratio to the faster bare
+   pass and the load averages. ``--throughput-only`` runs just this step
    with an existing ``--work``/``--net`` on ``--particles`` (default ``--work``/sim).
 
     python benchmarks/bench_network.py [--n-train 2000] [--n-test 500] [--epochs 15]
@@ -48,6 +50,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -281,33 +284,56 @@ def topk_report(net: Path, particles: Path, k: int) -> None:
     )
 
 
-def bare_forward(net: Path, batch: int, seconds: float = 5.0) -> float:
+def bare_forward(net: Path, batch: int, seconds: float = 5.0, lanes: int = 1) -> float:
     """Images/s of the checkpoint's own network (its architecture and weights: grid or
     quaternion head, backbone) in eval mode without gradients, on one reused random batch at
-    its input size: no reading, preprocessing, decoding or writing."""
+    its input size: no reading, preprocessing, decoding or writing. ``lanes`` > 1: that many
+    threads side by side, each running its own batch with one intra-op thread (the images/s
+    of all of them), as `predict` runs on the CPU (`api._predict.in_lanes`)."""
     model, meta = load_checkpoint(net)
     size = int(meta["preprocess"]["output_size_px"] or meta["box_size_px"])
-    x = torch.randn(batch, 1, size, size)
-    with torch.no_grad():
-        model(x)
-        t0 = time.perf_counter()
-        reps = 0
-        while time.perf_counter() - t0 < seconds:
+    rates = [0.0] * lanes
+
+    def run(lane: int) -> None:
+        if lanes > 1:
+            torch.set_num_threads(1)
+        x = torch.randn(batch, 1, size, size)
+        with torch.no_grad():
             model(x)
-            reps += 1
-    return reps * batch / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            reps = 0
+            while time.perf_counter() - t0 < seconds:
+                model(x)
+                reps += 1
+        rates[lane] = reps * batch / (time.perf_counter() - t0)
+
+    if lanes == 1:
+        run(0)
+    else:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(lanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return sum(rates)
 
 
 def throughput(net: Path, particles: Path, out: Path, batch: int, runs: int = 2) -> None:
     """End to end (``predict`` on every particle: stack -> STAR, the loop's rate as the
     command prints it) against the bare forward pass of the same network (`bare_forward`),
-    alternated ``runs`` times, medians; the load averages before and after."""
+    alternated ``runs`` times, medians; the load averages before and after. With more than
+    one thread the bare pass is measured both ways, one forward over every thread and one
+    1-thread forward per thread side by side (`predict`'s lanes on the CPU), and the end to
+    end rate is compared with the faster."""
     _, ckpt = load_checkpoint(net)
     size = int(ckpt["preprocess"]["output_size_px"] or ckpt["box_size_px"])
-    ends, bares = [], []
+    threads = torch.get_num_threads()
+    ends, bares, lanes = [], [], []
     load = os.getloadavg()
     for _ in range(runs):
         bares.append(bare_forward(net, batch))
+        if threads > 1:
+            lanes.append(bare_forward(net, batch, lanes=threads))
         fresh(out)
         argv = ["predict", str(particles), "--checkpoint", str(net), "--out", str(out)]
         printed = cli([*argv, "--batch-size", str(batch), "--device", "cpu"])
@@ -315,15 +341,29 @@ def throughput(net: Path, particles: Path, out: Path, batch: int, runs: int = 2)
         assert rate is not None, printed
         ends.append(float(rate.group(1)))
     end, bare = float(np.median(ends)), float(np.median(bares))
-    paired = float(np.median([e / b for e, b in zip(ends, bares, strict=True)]))
+    peers = [bares] if not lanes else [bares, lanes]
+    best = [max(b) for b in zip(*peers, strict=True)]  # each run's faster bare pass
+    peer = float(np.median(best))
+    paired = float(np.median([e / b for e, b in zip(ends, best, strict=True)]))
     after = os.getloadavg()
+
+    def listed(values: list[float]) -> str:
+        return ", ".join(f"{v:.0f}" for v in values)
+
     print(
-        f"inference: end to end {end:.0f} particles/s (stack -> STAR, predict loop; runs "
-        f"{', '.join(f'{v:.0f}' for v in ends)}), bare forward {bare:.0f} images/s (runs "
-        f"{', '.join(f'{v:.0f}' for v in bares)}) at {size} px, batch {batch}, "
-        f"{torch.get_num_threads()} threads: {100 * end / bare:.0f} % (target >= 90 %; median "
-        f"of each run's ratio to the bare pass just before it {100 * paired:.0f} %); load "
-        f"average (1 min) {load[0]:.2f} before, {after[0]:.2f} after on {os.cpu_count()} CPUs"
+        f"inference at {size} px, batch {batch}, {threads} thread(s): end to end {end:.0f} "
+        f"particles/s (stack -> STAR, predict loop; runs {listed(ends)}); bare forward "
+        f"{bare:.0f} images/s over {threads} thread(s) (runs {listed(bares)})"
+        + (
+            f", {float(np.median(lanes)):.0f} as {threads} 1-thread lanes side by side "
+            f"(runs {listed(lanes)})"
+            if lanes
+            else ""
+        )
+        + f"; end to end / the faster bare pass {100 * end / peer:.0f} % (target >= 90 %; "
+        f"median of each run's ratio to the bare passes just before it {100 * paired:.0f} %); "
+        f"load average (1 min) {load[0]:.2f} before, {after[0]:.2f} after on "
+        f"{os.cpu_count()} CPUs"
     )
     if load[0] > (os.cpu_count() or 1):  # before: "after" counts this benchmark's own load
         # measured (2 cores, load 6): the bare pass 80 images/s with libgomp's default

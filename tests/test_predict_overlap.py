@@ -1,6 +1,7 @@
 """`predict` reads, preprocesses and decodes in a background thread while the network runs
-(`overlapped`): the results are those of the steps run one after another, in order, and an
-interrupted run (Ctrl-C in the forward pass, an error in the background thread) keeps the
+(`overlapped`), or, on the CPU, takes batches through every step in parallel lanes of one
+thread each (`in_lanes`): the results are those of the steps run one after another, and an
+interrupted run (Ctrl-C in the forward pass, an error in a background thread) keeps the
 particles it finished and resumes to the same results."""
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import torch
 import deephemnma_bridge.preprocess as preprocess
 from deephemnma_bridge import api
 from deephemnma_bridge.api import _predict
-from deephemnma_bridge.api._predict import overlapped
+from deephemnma_bridge.api._predict import in_lanes, overlapped
 from deephemnma_bridge.conventions import euler_to_matrix
 from deephemnma_bridge.particles import ParticleTable
 
 THREAD = "deephemnma-predict"
+LANE = "deephemnma-lane"
 
 
 def _background_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(THREAD)]
+    return [t for t in threading.enumerate() if t.name.startswith((THREAD, LANE))]
 
 
 def _steps(
@@ -96,6 +98,64 @@ def test_overlapped_stops_at_once_on_an_error(
     assert finished == ([0, 1] if fail[0] == "forward" else [0, 1, 2])
     assert max(b for s, b, _ in log if s == "prepare") <= fail[1] + 1  # nothing read past
     assert not _background_threads()  # the thread ended with the loop
+
+
+def _lane_steps(
+    n: int, log: list[tuple[str, int, str]], fail: tuple[str, int] | None = None
+) -> tuple[Any, Any, Any, Any]:
+    """`_steps` for `in_lanes`: ``prepare`` and ``finish`` take a lock (as `predict`'s do),
+    each step waits a little so that both lanes get batches."""
+    prepare, forward, decode, finish = _steps(n, log, fail)
+    lock = threading.Lock()
+
+    def locked_prepare() -> int | None:
+        with lock:
+            b = prepare()
+        assert torch.get_num_threads() == 1 and not torch.is_grad_enabled()
+        return b
+
+    def slow_forward(b: int) -> int:
+        threading.Event().wait(0.01)
+        return int(forward(b))
+
+    def locked_finish(b: int, d: int) -> None:
+        with lock:
+            finish(b, d)
+
+    return locked_prepare, slow_forward, decode, locked_finish
+
+
+def test_lanes_take_every_batch_once_through_every_step() -> None:
+    log: list[tuple[str, int, str]] = []
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        in_lanes(*_lane_steps(12, log), lanes=2)
+    assert torch.get_num_threads() == threads  # the caller's threads restored
+    for step in ("prepare", "forward", "decode", "finish"):
+        assert sorted(b for s, b, _ in log if s == step) == list(range(12)), step
+    lanes = {b: {t for _, b2, t in log if b2 == b} for b in range(12)}
+    assert all(len(where) == 1 for where in lanes.values())  # one lane takes a batch through
+    assert set().union(*lanes.values()) == {threading.current_thread().name, f"{LANE}_0"}
+    assert not _background_threads()
+    in_lanes(*_lane_steps(0, log), lanes=2)  # no batch at all
+    assert not _background_threads()
+
+
+@pytest.mark.parametrize(
+    ("fail", "error"), [(("forward", 5), KeyboardInterrupt), (("prepare", 4), ValueError)]
+)
+def test_lanes_stop_on_an_error_in_any_lane(
+    fail: tuple[str, int], error: type[BaseException]
+) -> None:
+    """A failing batch stops both lanes after the batch each is in; the error is raised in the
+    caller whichever lane met it (a KeyboardInterrupt from a background lane too)."""
+    log: list[tuple[str, int, str]] = []
+    with pytest.raises(error), torch.no_grad():
+        in_lanes(*_lane_steps(40, log, fail), lanes=2)
+    prepared = [b for s, b, _ in log if s == "prepare"]
+    assert max(prepared) <= fail[1] + 2  # each lane stopped after its batch
+    assert fail[1] not in [b for s, b, _ in log if s == "finish"]
+    assert not _background_threads()
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +238,7 @@ def test_overlap_gives_the_results_of_the_serial_loop(
 
     monkeypatch.setattr(preprocess, "preprocess_images", noted)
     both = {}
+    monkeypatch.setattr(_predict, "LANES", 1)
     for overlap in (True, False):
         monkeypatch.setattr(_predict, "OVERLAP", overlap)
         threads.clear()
@@ -197,6 +258,7 @@ def test_interrupted_prediction_resumes_to_the_same_results(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     particles, net = network
+    monkeypatch.setattr(_predict, "LANES", 1)
     whole = _predict_to(particles, net, tmp_path / "whole")
     out = tmp_path / "resumed"
     state = out.with_name("resumed.partial") / "rank0_of_1.npz"
@@ -228,4 +290,45 @@ def test_interrupted_prediction_resumes_to_the_same_results(
     assert np.load(state)["done"].sum() == 10
     assert not out.exists() and not _background_threads()
     _assert_same(_predict_to(particles, net, out), whole)
+    assert not state.parent.exists()
+
+
+def test_lanes_give_the_results_of_one_lane_and_resume(
+    network: tuple[ParticleTable, api.TrainedNetwork],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two lanes of one thread: the results of one lane, each batch preprocessed once in one
+    of the two threads; a read error in one lane stops both, and the rerun resumes to the
+    same results."""
+    particles, net = network
+    threads: list[str] = []
+    real = preprocess.preprocess_images
+    failing = {"third call": False}
+
+    def noted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 3 and failing["third call"]:
+            raise OSError("disk gone")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "preprocess_images", noted)
+    monkeypatch.setattr(_predict, "LANES", 1)
+    one = _predict_to(particles, net, tmp_path / "one")
+    monkeypatch.setattr(_predict, "LANES", 2)
+    threads.clear()
+    two = _predict_to(particles, net, tmp_path / "two")
+    assert len(threads) == 5  # 5 batches, each preprocessed once
+    assert set(threads) == {threading.current_thread().name, f"{LANE}_0"}
+    _assert_same(one, two)
+    out = tmp_path / "resumed"
+    state = out.with_name("resumed.partial") / "rank0_of_1.npz"
+    threads.clear()
+    failing["third call"] = True
+    with pytest.raises(OSError, match="disk gone"):
+        _predict_to(particles, net, out)
+    assert np.load(state)["done"].sum() in (5, 10)  # the other lane's batch(es) stored
+    failing["third call"] = False
+    assert not _background_threads()
+    _assert_same(_predict_to(particles, net, out), one)
     assert not state.parent.exists()

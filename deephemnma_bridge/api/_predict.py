@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
     from ..alignment.ctf import CTFParams
 
-__all__ = ["NetworkLike", "fallback_threshold", "overlapped", "predict"]
+__all__ = ["NetworkLike", "fallback_threshold", "in_lanes", "overlapped", "predict"]
 
 #: A trained network: a `TrainedNetwork`, a training folder (its best.pt) or a .pt file.
 NetworkLike = TrainedNetwork | str | os.PathLike[str]
@@ -44,6 +45,16 @@ NetworkLike = TrainedNetwork | str | os.PathLike[str]
 #: forward pass: 1 thread 89 % with it, 98 % without; 2 threads 64 % and 81 %): the forward
 #: already fills the cores. On a GPU the host's work can run while the GPU computes.
 OVERLAP: bool | None = None
+
+#: On the CPU, `predict` runs this many lanes (`in_lanes`): threads that each take a whole
+#: batch through reading, preprocessing, the forward pass, decoding and storing with one
+#: intra-op thread. None: as many as torch's intra-op threads (``torch.get_num_threads()``,
+#: OMP_NUM_THREADS), at most one per batch; 1: one batch at a time over every thread.
+#: Measured with ResNet34 at 32 px, batch 128, on the idle 2-core machine: two 1-thread
+#: forwards side by side ran 1,567-1,601 images/s, one 2-thread forward 1,060-1,125 (one
+#: thread 786-839); and the serial steps of one lane (reading, decoding) run while the other
+#: lane computes (`benchmarks/bench_network.py --throughput-only`).
+LANES: int | None = None
 
 _B = TypeVar("_B")
 _Y = TypeVar("_Y")
@@ -127,6 +138,50 @@ def overlapped(
             finish(pending[0], pending[1].result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def in_lanes(
+    prepare: Callable[[], _B | None],
+    forward: Callable[[_B], _Y],
+    decode: Callable[[_Y], _D],
+    finish: Callable[[_B, _D], None],
+    *,
+    lanes: int,
+) -> None:
+    """Run ``finish(batch, decode(forward(batch)))`` for each ``batch = prepare()`` until it
+    gives None, in ``lanes`` threads (the calling thread one of them), each with one intra-op
+    thread and no autograd: a lane takes a batch through every step, so batches finish out of
+    order. ``prepare`` and ``finish`` must be safe to call from several threads at once.
+
+    An exception in any lane, or Ctrl-C (in the calling thread's lane), stops every lane after
+    the batch it is in; the exception propagates from the calling thread once they stopped.
+    The calling thread's intra-op thread count is restored.
+    """
+    import torch
+
+    stop = threading.Event()
+
+    def lane() -> None:
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                while not stop.is_set() and (batch := prepare()) is not None:
+                    finish(batch, decode(forward(batch)))
+        except BaseException:
+            stop.set()
+            raise
+
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max(1, lanes - 1), "deephemnma-lane")
+    try:
+        others = [pool.submit(lane) for _ in range(lanes - 1)]
+        lane()
+        for other in others:
+            other.result()
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def fallback_threshold(
@@ -443,9 +498,12 @@ def predict(
     library: Any = None  # HEMNMA's search library, built at the first fallback
     amp = dev.type == "cuda"
 
+    reading, storing, building = threading.Lock(), threading.Lock(), threading.Lock()
+
     def prepare() -> _Batch | None:
         """The next batch read and preprocessed (once per distinct setting), None at the end."""
-        got = next(loaded, None)
+        with reading:
+            got = next(loaded, None)
         if got is None:
             return None
         images, _, c, pos = got
@@ -518,8 +576,9 @@ def predict(
             if fallback_confidence is not None:
                 fell |= ~(confidence >= fallback_confidence)
             if fell.any():
-                if library is None:
-                    library = SearchLibrary.build(reference, search, working, work_pixel, dev)
+                with building:
+                    if library is None:
+                        library = SearchLibrary.build(reference, search, working, work_pixel, dev)
                 idx = np.flatnonzero(fell)
                 with torch.enable_grad():
                     full = align_batch(
@@ -537,22 +596,30 @@ def predict(
                     full.shifts_angstrom,
                 )
                 cost[idx] = full.cost
-        run.store(
-            local,
-            amplitudes=amps,
-            rotations=rot,
-            shifts=shifts,
-            cost=cost,
-            fallback=fell,
-            confidence=confidence,
-        )
-        bar.update(len(rows))
+        with storing:
+            run.store(
+                local,
+                amplitudes=amps,
+                rotations=rot,
+                shifts=shifts,
+                cost=cost,
+                fallback=fell,
+                confidence=confidence,
+            )
+            bar.update(len(rows))
 
     t0 = time.perf_counter()
     with torch.no_grad(), run.guard():
         loaded = iter(stream)  # DataLoader workers, if any, start here
-        overlap = dev.type == "cuda" if OVERLAP is None else OVERLAP
-        overlapped(prepare, forward, decoded, finish, overlap=overlap, device=dev)
+        lanes = 1
+        if dev.type == "cpu":
+            n_batches = -(-len(todo) // batch_size)
+            lanes = max(1, min(torch.get_num_threads() if LANES is None else LANES, n_batches))
+        if lanes > 1:
+            in_lanes(prepare, forward, decoded, finish, lanes=lanes)
+        else:
+            overlap = dev.type == "cuda" if OVERLAP is None else OVERLAP
+            overlapped(prepare, forward, decoded, finish, overlap=overlap, device=dev)
     bar.close()
     elapsed = time.perf_counter() - t0
     merged = run.merge()
