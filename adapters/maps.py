@@ -40,8 +40,11 @@ def read_map(path: str | os.PathLike[str]) -> DensityMap:
                 if caught
                 else f"{path}: no data in this MRC file"
             )
-        if mrc.data.ndim != 3 or mrc.is_image_stack():
-            raise InputError(f"{path}: a 3D map is needed, this holds {mrc.data.shape} images")
+        if mrc.data.ndim != 3 or (mrc.is_image_stack() and not _unmarked_volume(path, mrc)):
+            raise InputError(
+                f"{path}: a 3D map is needed, this holds {mrc.data.shape[0]} images "
+                f"of {mrc.data.shape[1:]} px (an image stack, space group 0)"
+            )
         h = mrc.header
         order = (int(h.maps), int(h.mapr), int(h.mapc))  # axis label (1=x) of data axes 0, 1, 2
         if sorted(order) != [1, 2, 3]:
@@ -65,6 +68,14 @@ def read_map(path: str | os.PathLike[str]) -> DensityMap:
     if not np.all(np.isfinite(data)):
         raise InputError(f"{path}: the map contains NaN or infinite values")
     return DensityMap(data=data, voxel_size_angstrom=voxel, origin_angstrom=origin, name=path.name)
+
+
+def _unmarked_volume(path: Path, mrc: mrcfile.mrcfile.MrcFile) -> bool:
+    """A cube with space group 0 in a file not named ``.mrcs``: a map whose writer left the
+    space group unset. RELION 3.1's ``relion_reconstruct`` writes its maps so (ISPG 0, which
+    MRC2014 reserves for image stacks); its particle stacks are ``.mrcs``."""
+    shape = mrc.data.shape
+    return path.suffix.lower() != ".mrcs" and shape[0] == shape[1] == shape[2]
 
 
 def write_map(path: str | os.PathLike[str], density: DensityMap) -> None:

@@ -191,6 +191,27 @@ def test_interrupted_run_resumes_to_the_same_result(
     assert main([*argv, "--out", str(tmp_path / "other")]) == 2
 
 
+def test_lanes_give_the_results_of_one_thread(
+    sim: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--threads 2 on the CPU: two lanes of one thread, each fitting whole batches; every
+    particle gets the result of a 1-thread run, bit for bit."""
+    argv = ["align", str(sim / "particles.star"), "--modes", str(sim / "modes.npz"), *FAST]
+    argv += ["--batch-size", "5", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    assert main([*argv, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
+    assert "lanes" not in capsys.readouterr().err
+    assert main([*argv, "--threads", "2", "--out", str(tmp_path / "two")]) == 0
+    assert "2 CPU thread(s) in 2 lanes of one thread" in capsys.readouterr().err
+    torch.set_num_threads(threads)  # align sets the process's threads
+    a = read_particles(tmp_path / "one" / "particles.star")
+    b = read_particles(tmp_path / "two" / "particles.star")
+    np.testing.assert_array_equal(b.rotation_matrices, a.rotation_matrices)
+    np.testing.assert_array_equal(b.shifts_angstrom, a.shifts_angstrom)
+    for column in ("dhnAmplitude7", "dhnAmplitude9", "dhnCost"):
+        np.testing.assert_array_equal(b.extra[column].astype(float), a.extra[column].astype(float))
+
+
 def test_two_process_torchrun_matches_one_process(sim: Path, tmp_path: Path) -> None:
     argv = [
         "align",

@@ -89,6 +89,22 @@ def test_pseudoatoms_of_real_maps() -> None:
     assert sharp.error < 0.2
 
 
+def test_maps_with_space_group_0_and_image_stacks(tmp_path: Path) -> None:
+    """A cube with space group 0 (as RELION 3.1's relion_reconstruct writes its maps) is a map;
+    the same in a .mrcs file, or a non-cubic block, is an image stack and refused by name."""
+    data = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+    for name in ("relion31.mrc", "stack.mrcs", "block.mrc"):
+        with mrcfile.new(tmp_path / name) as mrc:
+            mrc.set_data(data if name != "block.mrc" else data[:5])
+            mrc.header.ispg = 0
+            mrc.voxel_size = 1.5
+    np.testing.assert_array_equal(read_map(tmp_path / "relion31.mrc").data, data)
+    with pytest.raises(InputError, match=r"stack.mrcs: a 3D map is needed, this holds 8 images"):
+        read_map(tmp_path / "stack.mrcs")
+    with pytest.raises(InputError, match="block.mrc: a 3D map is needed, this holds 5 images"):
+        read_map(tmp_path / "block.mrc")
+
+
 def test_map_errors() -> None:
     density = _blob_map()
     with pytest.raises(InputError, match="no voxel above the threshold 5"):

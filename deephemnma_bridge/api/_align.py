@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -65,6 +66,12 @@ def cpu_threads(requested: int) -> tuple[int, str]:
 #: this fraction of the group turned by half its n-fold step (`half_step_deviation`); 7PBL C6:
 #: 0.71, its subgroup C2 0.77; asymmetric adenylate kinase: 1.02-1.09 (C2, C3, C5)
 PSEUDO_SYMMETRY_RATIO = 0.8
+
+#: On the CPU, `align` runs its batches in this many lanes (`_sharded.in_lanes`: threads that
+#: each take a whole batch through reading, the fit and storing, with one intra-op thread).
+#: None: as many as the CPU threads it uses (`cpu_threads`), at most one per batch; 1: one
+#: batch at a time over every thread. Each lane holds its own batch in memory.
+LANES: int | None = None
 
 #: above this many atoms the last band renders residue blobs (4YVS, 26k atoms: ~10x cheaper)
 MAX_FINAL_ATOMS = 10_000
@@ -423,7 +430,7 @@ def align(
     from ..nma.modes import DEFAULT_MIN_COLLECTIVITY
     from ..preprocess import PreprocessConfig, preprocess_images
     from ..symmetry import parse_symmetry
-    from ._sharded import ShardedRun, check_images, input_identity
+    from ._sharded import ShardedRun, check_images, in_lanes, input_identity
 
     out = Path(out)
     inputs = input_files(particles, modes)
@@ -464,10 +471,13 @@ def align(
     working = min(box, working_size_px)
     work_pixel = pixel * box / working
     torch_device = resolve_device(device)
+    lanes = 1
     if torch_device.type == "cpu":
         n_threads, why = cpu_threads(threads)
         torch.set_num_threads(n_threads)
-        warn_line(log, f"{n_threads} CPU thread(s): {why} (--threads to choose)")
+        lanes = n_threads if LANES is None else LANES
+        how = f" in {lanes} lanes of one thread" if lanes > 1 else ""
+        warn_line(log, f"{n_threads} CPU thread(s){how}: {why} (--threads to choose)")
     if len(refine_resolution_angstrom) != 2 or len(iterations) != 2:
         raise InputError("--refine-resolution and --iterations take two values each, e.g. 7,4")
     config = AlignmentConfig(
@@ -582,40 +592,64 @@ def align(
         library = None
         if poses == "search" and len(todo):  # the reference's projections, once per run
             library = SearchLibrary.build(reference, config, working, work_pixel, torch_device)
-        t0 = time.perf_counter()
-        for start in range(0, len(todo), batch_size):
-            local = todo[start : start + batch_size]
-            rows = mine[local]
-            raw = torch.as_tensor(images.read(rows), device=torch_device)
+        starts = iter(range(0, len(todo), batch_size))
+        reading, storing = threading.Lock(), threading.Lock()
+
+        def prepare() -> tuple[Any, ...] | None:
+            """The next batch read (one lane at a time) and preprocessed; None at the end."""
+            with reading:
+                start = next(starts, None)
+                if start is None:
+                    return None
+                local = todo[start : start + batch_size]
+                rows = mine[local]
+                raw = torch.as_tensor(images.read(rows), device=torch_device)
             ctf_raw = CTFParams.from_table(table, rows, device=torch_device)
             x = preprocess_images(raw, pixel_size_angstrom=pixel, config=prep)
             rot = shifts = None
             if table.rotation_matrices is not None and poses != "search":
                 rot = torch.as_tensor(table.rotation_matrices[rows], device=torch_device)
                 shifts = torch.as_tensor(table.shifts_angstrom[rows], device=torch_device)
-            result = align_batch(
-                x,
-                ctf_raw,
-                reference,
-                config,
-                pixel_size_angstrom=work_pixel,
-                rotations=rot,
-                shifts_angstrom=shifts,
-                final_reference=final_reference,
-                library=library,
-                symmetry=copies,
-            )
-            run.store(
-                local,
-                amplitudes=result.amplitudes,
-                rotations=result.rotations,
-                shifts=result.shifts_angstrom,
-                cost=result.cost,
-                converged=result.converged,
-                at_limit=result.extra["at_limit"],
-                moved=result.extra["symmetry_element"] > 0,
-            )
-            bar.update(len(rows))
+            return local, x, ctf_raw, rot, shifts
+
+        def fit(batch: tuple[Any, ...]) -> Any:
+            _, x, ctf_raw, rot, shifts = batch
+            with torch.enable_grad():  # lanes run without autograd
+                return align_batch(
+                    x,
+                    ctf_raw,
+                    reference,
+                    config,
+                    pixel_size_angstrom=work_pixel,
+                    rotations=rot,
+                    shifts_angstrom=shifts,
+                    final_reference=final_reference,
+                    library=library,
+                    symmetry=copies,
+                )
+
+        def finish(batch: tuple[Any, ...], result: Any) -> None:
+            local = batch[0]
+            with storing:
+                run.store(
+                    local,
+                    amplitudes=result.amplitudes,
+                    rotations=result.rotations,
+                    shifts=result.shifts_angstrom,
+                    cost=result.cost,
+                    converged=result.converged,
+                    at_limit=result.extra["at_limit"],
+                    moved=result.extra["symmetry_element"] > 0,
+                )
+                bar.update(len(local))
+
+        t0 = time.perf_counter()
+        lanes = max(1, min(lanes, -(-len(todo) // batch_size)))
+        if lanes > 1:
+            in_lanes(prepare, fit, lambda result: result, finish, lanes=lanes)
+        else:
+            while (batch := prepare()) is not None:
+                finish(batch, fit(batch))
     bar.close()
     elapsed = time.perf_counter() - t0
     merged = run.merge()

@@ -27,6 +27,7 @@ from ._common import (
     read_table,
     say,
 )
+from ._sharded import in_lanes
 from ._train import TrainedNetwork
 
 if TYPE_CHECKING:
@@ -138,50 +139,6 @@ def overlapped(
             finish(pending[0], pending[1].result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def in_lanes(
-    prepare: Callable[[], _B | None],
-    forward: Callable[[_B], _Y],
-    decode: Callable[[_Y], _D],
-    finish: Callable[[_B, _D], None],
-    *,
-    lanes: int,
-) -> None:
-    """Run ``finish(batch, decode(forward(batch)))`` for each ``batch = prepare()`` until it
-    gives None, in ``lanes`` threads (the calling thread one of them), each with one intra-op
-    thread and no autograd: a lane takes a batch through every step, so batches finish out of
-    order. ``prepare`` and ``finish`` must be safe to call from several threads at once.
-
-    An exception in any lane, or Ctrl-C (in the calling thread's lane), stops every lane after
-    the batch it is in; the exception propagates from the calling thread once they stopped.
-    The calling thread's intra-op thread count is restored.
-    """
-    import torch
-
-    stop = threading.Event()
-
-    def lane() -> None:
-        torch.set_num_threads(1)
-        try:
-            with torch.no_grad():
-                while not stop.is_set() and (batch := prepare()) is not None:
-                    finish(batch, decode(forward(batch)))
-        except BaseException:
-            stop.set()
-            raise
-
-    threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(max(1, lanes - 1), "deephemnma-lane")
-    try:
-        others = [pool.submit(lane) for _ in range(lanes - 1)]
-        lane()
-        for other in others:
-            other.result()
-    finally:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
 
 
 def fallback_threshold(

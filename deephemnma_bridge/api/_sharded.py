@@ -16,9 +16,11 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +28,11 @@ import torch
 from ..errors import InputError
 from ..fileutils import atomic_path
 
-__all__ = ["ShardedRun", "check_images", "input_identity"]
+__all__ = ["ShardedRun", "check_images", "in_lanes", "input_identity"]
+
+_B = TypeVar("_B")
+_Y = TypeVar("_Y")
+_D = TypeVar("_D")
 
 
 def input_identity(path: str | os.PathLike[str] | None, table: Any) -> dict[str, Any]:
@@ -237,3 +243,45 @@ class ShardedRun:
             self._remove_partial(strict=False)
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def in_lanes(
+    prepare: Callable[[], _B | None],
+    forward: Callable[[_B], _Y],
+    decode: Callable[[_Y], _D],
+    finish: Callable[[_B, _D], None],
+    *,
+    lanes: int,
+) -> None:
+    """Run ``finish(batch, decode(forward(batch)))`` for each ``batch = prepare()`` until it
+    gives None, in ``lanes`` threads (the calling thread one of them), each with one intra-op
+    thread and no autograd: a lane takes a batch through every step, so batches finish out of
+    order. ``prepare`` and ``finish`` must be safe to call from several threads at once.
+
+    An exception in any lane, or Ctrl-C (in the calling thread's lane), stops every lane after
+    the batch it is in; the exception propagates from the calling thread once they stopped.
+    The calling thread's intra-op thread count is restored.
+    """
+    stop = threading.Event()
+
+    def lane() -> None:
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                while not stop.is_set() and (batch := prepare()) is not None:
+                    finish(batch, decode(forward(batch)))
+        except BaseException:
+            stop.set()
+            raise
+
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max(1, lanes - 1), "deephemnma-lane")
+    try:
+        others = [pool.submit(lane) for _ in range(lanes - 1)]
+        lane()
+        for other in others:
+            other.result()
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
