@@ -653,7 +653,7 @@ def case_threads(work: Path, args: argparse.Namespace) -> None:
     results = []
     for name, env, ranks in (
         ("1 thread", one, 0),
-        ("2 threads", two, 0),
+        ("2 threads (2 lanes)", two, 0),  # align's lanes: 2 batches side by side
         ("2 ranks x 1 thread", one, 2),
     ):
         slug = "threads_" + name.replace(" ", "_")
