@@ -70,7 +70,9 @@ PSEUDO_SYMMETRY_RATIO = 0.8
 #: On the CPU, `align` runs its batches in this many lanes (`_sharded.in_lanes`: threads that
 #: each take a whole batch through reading, the fit and storing, with one intra-op thread).
 #: None: as many as the CPU threads it uses (`cpu_threads`), at most one per batch; 1: one
-#: batch at a time over every thread. Each lane holds its own batch in memory.
+#: batch at a time over every thread. Each lane holds its own batch in memory. Measured on
+#: the idle 2-core machine (256 particles of the default set): 2 lanes 0.069 s wall and 0.123
+#: CPU-s per particle, 1 thread 0.116 / 0.115, 2 torchrun ranks 0.080 / 0.150.
 LANES: int | None = None
 
 #: above this many atoms the last band renders residue blobs (4YVS, 26k atoms: ~10x cheaper)
