@@ -7,7 +7,8 @@ A rerun of the same command resumes; a rerun with other settings, or with an inp
 changed since (size, modification time, or the particles' identity and order: `input_identity`),
 is refused with a message saying how to start afresh (``--restart``). An interrupted run keeps
 every particle finished before the interruption (`guard`); a run that fails before finishing
-any particle removes the partial folder it created.
+any particle removes the partial folder it created. Within a process, `in_lanes` runs the
+batches of a CPU run side by side, one thread each.
 """
 
 from __future__ import annotations
