@@ -36,7 +36,8 @@
         --batch-size 64 --refine 20 --net net_direct --train-args "--orientation-head grid \
         --modes MODES --synthetic-epochs 30 --synthetic-batches 100 --lr 1e-3 --lr-step 20"
     # step 4 alone, on an earlier run's network and particles:
-    python benchmarks/bench_network.py --work DIR --net net_direct --throughput-only
+    python benchmarks/bench_network.py --work DIR --net net_direct --throughput-only \
+        --runs 3 --repeat 4   (the README's: the 1,500 particles listed 4 times)
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import starfile
 import torch
 
@@ -128,6 +130,13 @@ def main() -> None:
         "--particles", type=Path, default=None, help="--throughput-only: (--work/sim/particles)"
     )
     parser.add_argument("--runs", type=int, default=2, help="throughput: alternations")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="throughput: list the particles this many times (a longer run: the first batch of "
+        "each lane, which warms up, weighs less)",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_network_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -136,7 +145,7 @@ def main() -> None:
         for need in (net, particles):
             if not need.exists():
                 raise SystemExit(f"--throughput-only: {need} does not exist (--work, --net)")
-        throughput(net, particles, work / "throughput", args.infer_batch, args.runs)
+        throughput(net, particles, work / "throughput", args.infer_batch, args.runs, args.repeat)
         return
     n = args.n_train + args.n_test
     print(f"work dir {work}; {torch.get_num_threads()} threads; {n} particles", flush=True)
@@ -236,7 +245,9 @@ def main() -> None:
                 f"{CPU['hemnma'] / args.n_test:.3f} (run just before): "
                 f"{CPU[name] / CPU['hemnma']:.2f}x (target <= 0.5x)"
             )
-    throughput(net, sim / "particles.star", work / "throughput", args.infer_batch, args.runs)
+    throughput(
+        net, sim / "particles.star", work / "throughput", args.infer_batch, args.runs, args.repeat
+    )
 
 
 def topk_report(net: Path, particles: Path, k: int) -> None:
@@ -318,7 +329,26 @@ def bare_forward(net: Path, batch: int, seconds: float = 5.0, lanes: int = 1) ->
     return sum(rates)
 
 
-def throughput(net: Path, particles: Path, out: Path, batch: int, runs: int = 2) -> None:
+def repeated(particles: Path, times: int, folder: Path) -> Path:
+    """``particles`` listed ``times`` times over (the same images), written into ``folder``."""
+    if times <= 1:
+        return particles
+    blocks = starfile.read(particles, always_dict=True)
+    rows = blocks["particles"]
+    stack = rows["rlnImageName"].astype(str)
+    where = particles.resolve().parent
+    absolute = [f"{i}@{(where / p).resolve()}" for i, p in (n.split("@", 1) for n in stack)]
+    rows = rows.assign(rlnImageName=absolute)
+    blocks["particles"] = pd.concat([rows] * times, ignore_index=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{particles.stem}_x{times}.star"
+    starfile.write(blocks, out)
+    return out
+
+
+def throughput(
+    net: Path, particles: Path, out: Path, batch: int, runs: int = 2, repeat: int = 1
+) -> None:
     """End to end (``predict`` on every particle: stack -> STAR, the loop's rate as the
     command prints it) against the bare forward pass of the same network (`bare_forward`),
     alternated ``runs`` times, medians; the load averages before and after. With more than
@@ -327,6 +357,8 @@ def throughput(net: Path, particles: Path, out: Path, batch: int, runs: int = 2)
     end rate is compared with the faster."""
     _, ckpt = load_checkpoint(net)
     size = int(ckpt["preprocess"]["output_size_px"] or ckpt["box_size_px"])
+    particles = repeated(particles, repeat, out.with_name(out.name + "_input"))
+    n = len(read_particles(particles))
     threads = torch.get_num_threads()
     ends, bares, lanes = [], [], []
     load = os.getloadavg()
@@ -351,7 +383,8 @@ def throughput(net: Path, particles: Path, out: Path, batch: int, runs: int = 2)
         return ", ".join(f"{v:.0f}" for v in values)
 
     print(
-        f"inference at {size} px, batch {batch}, {threads} thread(s): end to end {end:.0f} "
+        f"inference of {n} particles at {size} px, batch {batch}, {threads} thread(s): end "
+        f"to end {end:.0f} "
         f"particles/s (stack -> STAR, predict loop; runs {listed(ends)}); bare forward "
         f"{bare:.0f} images/s over {threads} thread(s) (runs {listed(bares)})"
         + (
