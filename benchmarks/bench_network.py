@@ -56,11 +56,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import starfile
 import torch
 
-from deephemnma_bridge.adapters import read_particles
+from deephemnma_bridge.adapters import read_particles, write_particles
+from deephemnma_bridge.adapters.images import portable_image_paths
 from deephemnma_bridge.evaluation import ground_truth_errors
 from deephemnma_bridge.training.trainer import load_checkpoint
 
@@ -333,16 +333,11 @@ def repeated(particles: Path, times: int, folder: Path) -> Path:
     """``particles`` listed ``times`` times over (the same images), written into ``folder``."""
     if times <= 1:
         return particles
-    blocks = starfile.read(particles, always_dict=True)
-    rows = blocks["particles"]
-    stack = rows["rlnImageName"].astype(str)
-    where = particles.resolve().parent
-    absolute = [f"{i}@{(where / p).resolve()}" for i, p in (n.split("@", 1) for n in stack)]
-    rows = rows.assign(rlnImageName=absolute)
-    blocks["particles"] = pd.concat([rows] * times, ignore_index=True)
+    table = read_particles(particles)
+    tiled = table.take(np.tile(np.arange(len(table)), times))
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{particles.stem}_x{times}.star"
-    starfile.write(blocks, out)
+    write_particles(portable_image_paths(tiled), out)
     return out
 
 
