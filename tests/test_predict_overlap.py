@@ -17,7 +17,8 @@ import torch
 import deephemnma_bridge.preprocess as preprocess
 from deephemnma_bridge import api
 from deephemnma_bridge.api import _predict
-from deephemnma_bridge.api._predict import in_lanes, overlapped
+from deephemnma_bridge.api._predict import overlapped
+from deephemnma_bridge.api._sharded import in_lanes
 from deephemnma_bridge.conventions import euler_to_matrix
 from deephemnma_bridge.particles import ParticleTable
 

@@ -432,7 +432,7 @@ def align(
     from ..nma.modes import DEFAULT_MIN_COLLECTIVITY
     from ..preprocess import PreprocessConfig, preprocess_images
     from ..symmetry import parse_symmetry
-    from ._sharded import ShardedRun, check_images, in_lanes, input_identity
+    from ._sharded import ShardedRun, check_images, in_lanes, input_identity, lane_count
 
     out = Path(out)
     inputs = input_files(particles, modes)
@@ -646,7 +646,7 @@ def align(
                 bar.update(len(local))
 
         t0 = time.perf_counter()
-        lanes = max(1, min(lanes, -(-len(todo) // batch_size)))
+        lanes = lane_count(lanes, len(todo), batch_size)
         if lanes > 1:
             in_lanes(prepare, fit, lambda result: result, finish, lanes=lanes)
         else:

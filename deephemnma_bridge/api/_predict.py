@@ -27,7 +27,7 @@ from ._common import (
     read_table,
     say,
 )
-from ._sharded import in_lanes
+from ._sharded import in_lanes, lane_count
 from ._train import TrainedNetwork
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ..alignment.ctf import CTFParams
 
-__all__ = ["NetworkLike", "fallback_threshold", "in_lanes", "overlapped", "predict"]
+__all__ = ["NetworkLike", "fallback_threshold", "overlapped", "predict"]
 
 #: A trained network: a `TrainedNetwork`, a training folder (its best.pt) or a .pt file.
 NetworkLike = TrainedNetwork | str | os.PathLike[str]
@@ -570,8 +570,8 @@ def predict(
         loaded = iter(stream)  # DataLoader workers, if any, start here
         lanes = 1
         if dev.type == "cpu":
-            n_batches = -(-len(todo) // batch_size)
-            lanes = max(1, min(torch.get_num_threads() if LANES is None else LANES, n_batches))
+            wanted = torch.get_num_threads() if LANES is None else LANES
+            lanes = lane_count(wanted, len(todo), batch_size)
         if lanes > 1:
             in_lanes(prepare, forward, decoded, finish, lanes=lanes)
         else:

@@ -29,7 +29,7 @@ import torch
 from ..errors import InputError
 from ..fileutils import atomic_path
 
-__all__ = ["ShardedRun", "check_images", "in_lanes", "input_identity"]
+__all__ = ["ShardedRun", "check_images", "in_lanes", "input_identity", "lane_count"]
 
 _B = TypeVar("_B")
 _Y = TypeVar("_Y")
@@ -244,6 +244,12 @@ class ShardedRun:
             self._remove_partial(strict=False)
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def lane_count(wanted: int, n_todo: int, batch_size: int) -> int:
+    """Lanes of a CPU run (`in_lanes`): ``wanted``, at most one per batch of the ``n_todo``
+    particles left, at least one."""
+    return max(1, min(wanted, -(-n_todo // batch_size)))
 
 
 def in_lanes(
