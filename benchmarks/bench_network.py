@@ -300,7 +300,7 @@ def bare_forward(net: Path, batch: int, seconds: float = 5.0, lanes: int = 1) ->
     quaternion head, backbone) in eval mode without gradients, on one reused random batch at
     its input size: no reading, preprocessing, decoding or writing. ``lanes`` > 1: that many
     threads side by side, each running its own batch with one intra-op thread (the images/s
-    of all of them), as `predict` runs on the CPU (`api._predict.in_lanes`)."""
+    of all of them), as `predict` runs on the CPU (`api._sharded.in_lanes`)."""
     model, meta = load_checkpoint(net)
     size = int(meta["preprocess"]["output_size_px"] or meta["box_size_px"])
     rates = [0.0] * lanes
