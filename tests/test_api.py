@@ -58,7 +58,17 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> api.SimulationResult:
 
 @pytest.mark.parametrize(
     "module",
-    ["", "._modes", "._simulate", "._align", "._train", "._predict", "._analyze", "._pipeline"],
+    [
+        "",
+        "._modes",
+        "._fit",
+        "._simulate",
+        "._align",
+        "._train",
+        "._predict",
+        "._analyze",
+        "._pipeline",
+    ],
 )
 def test_docstring_examples(module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp() here
@@ -68,7 +78,7 @@ def test_docstring_examples(module: str, tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_top_level_exports_are_the_api() -> None:
-    for name in ("compute_modes", "align", "train", "predict", "analyze"):
+    for name in ("compute_modes", "fit_model", "align", "train", "predict", "analyze"):
         assert getattr(deephemnma_bridge, name) is getattr(api, name)
     assert deephemnma_bridge.run_pipeline is api.run_pipeline
     assert deephemnma_bridge.TrainedNetwork is api.TrainedNetwork

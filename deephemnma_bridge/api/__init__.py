@@ -35,6 +35,7 @@ from __future__ import annotations
 from ._align import align
 from ._analyze import AnalysisResult, analyze
 from ._common import InputError, Log, ModesLike, ParticlesLike, ProgressCallback
+from ._fit import fit_model
 from ._modes import compute_modes
 from ._pipeline import PipelineResult, run_pipeline
 from ._predict import predict
@@ -54,6 +55,7 @@ __all__ = [
     "align",
     "analyze",
     "compute_modes",
+    "fit_model",
     "predict",
     "run_pipeline",
     "simulate",

@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("convert", "convert", "convert particles between STAR 3.0, STAR 3.1+ and cryoSPARC .cs"),
     ("subset", "subset", "write the rows of a full particle file selected in another file"),
     ("modes", "modes", "normal modes of an atomic model or an EM map (elastic network)"),
+    ("fit", "fit", "deform an atomic model into a map along its normal modes (flexible fit)"),
     ("align", "align", "HEMNMA: mode amplitudes, orientation and shifts of every particle"),
     ("train", "train", "train the ResNet34 + MLP network on HEMNMA results"),
     ("predict", "predict", "predict amplitudes, orientations and shifts with trained networks"),
