@@ -7,7 +7,8 @@
 3. Trains the network on the training particles' HEMNMA results (``--preset``, ``--size``,
    ``--epochs``, ``--lr-step``, ``--augment``), predicts the held-out particles, and reports
    errors against the ground truth for the network and for HEMNMA on the same particles
-   (angular error median / p90, shift, amplitude r and MAE/range), and their ratio; with
+   (angular error median / p90, shift, amplitude r and MAE/range), and their ratio (with
+   ``--tta N`` also for the network alone with ``predict --tta N``); with
    ``--refine N`` also for the network's predictions refined by N HEMNMA iterations
    (``predict --refine``), and with ``--fallback`` for those whose cost then stays above the
    99th percentile of the training particles' HEMNMA costs re-aligned by HEMNMA
@@ -118,6 +119,9 @@ def main() -> None:
     )
     parser.add_argument("--retrain", action="store_true", help="train afresh in an old --work")
     parser.add_argument("--train-args", default="", help="more train options (MODES: modes)")
+    parser.add_argument(
+        "--tta", type=int, default=0, help="also the network alone with predict --tta N"
+    )
     parser.add_argument("--top-k", type=int, default=4, help="grid head: candidates scored")
     parser.add_argument("--net", default="net", help="network folder name under --work")
     parser.add_argument("--work", type=Path, default=None)
@@ -203,6 +207,13 @@ def main() -> None:
         ]
     )
     results = {"network": errors(pred / "particles.star")}
+    if args.tta > 1:  # the network alone, amplitudes averaged over --tta in-plane turns
+        pred_tta = work / "predicted_tta"
+        fresh(pred_tta)
+        argv = ["predict", str(sim / "test.star"), "--checkpoint", str(net), "--tta", str(args.tta)]
+        argv += ["--out", str(pred_tta), "--batch-size", str(args.infer_batch), "--device", "cpu"]
+        cli(argv, "tta")
+        results[f"network+tta{args.tta}"] = errors(pred_tta / "particles.star")
     topk_report(net, sim / "test.star", args.top_k)
     if args.refine:
         runs = {f"+refine{args.refine}": []}

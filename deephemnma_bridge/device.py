@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from .errors import InputError
 
-__all__ = ["available_devices", "loader_workers", "resolve_device"]
+__all__ = ["available_devices", "denormals_flushed", "loader_workers", "resolve_device"]
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -50,3 +52,30 @@ def loader_workers(requested: int, device: torch.device) -> int:
     if device.type == "cpu":
         return 0
     return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+@contextmanager
+def denormals_flushed(device: torch.device) -> Iterator[None]:
+    """On the CPU, treat denormal floats (below 1.2e-38) as zero inside the block, then restore
+    the earlier setting (other code in the process, e.g. an eigensolver, is left as it was).
+
+    A network's weights and gradients drift into that range as it trains, and x86 CPUs compute
+    with denormals many times slower: measured on the grid-head ResNet34 after 20 epochs, a
+    training batch of 64 at 32 px took 0.77 CPU-s instead of 0.54 (1.4x), and the epochs had
+    slowed from 53 to 85 s. Values that small carry no information here. No effect on a GPU.
+    The setting belongs to the calling thread (and torch's intra-op threads).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = _flushing()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
+def _flushing() -> bool:
+    """Whether denormals are flushed now (a denormal times one gives zero)."""
+    return bool(float(torch.tensor([1e-39], dtype=torch.float32) * 1.0) == 0.0)

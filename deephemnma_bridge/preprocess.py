@@ -45,8 +45,11 @@ __all__ = [
     "PreprocessConfig",
     "circular_mask",
     "fourier_crop",
+    "inplane_views",
     "output_pixel_size",
     "preprocess_images",
+    "quarter_turn",
+    "rotate_images",
 ]
 
 Normalise = Literal["background", "whole", "none"]
@@ -301,3 +304,56 @@ def preprocess_images(
             n, radius_px=radius, edge_px=config.mask_edge_px, device=x.device, dtype=x.dtype
         )
     return x
+
+
+def quarter_turn(images: torch.Tensor, k: int) -> torch.Tensor:
+    """Images (..., N, N) turned by ``k`` quarter-turns about the centre pixel ``N // 2`` (where
+    RELION puts the particle's centre): exact, no interpolation. ``torch.rot90`` turns about
+    ``(N - 1) / 2``, a pixel away for even N; the roll puts the centre back (the wrapped row or
+    column is the box's edge)."""
+    n = int(images.shape[-1])
+    if int(images.shape[-2]) != n:
+        raise ValueError(f"square images needed, got {tuple(images.shape[-2:])}")
+    k %= 4
+    if k == 0:
+        return images
+    c = n // 2
+    # where the centre pixel lands after torch.rot90 (counter-clockwise, dims -2, -1)
+    row, col = [(c, c), (n - 1 - c, c), (n - 1 - c, n - 1 - c), (c, n - 1 - c)][k]
+    turned = torch.rot90(images, k, dims=(-2, -1))
+    return torch.roll(turned, shifts=(c - row, c - col), dims=(-2, -1))
+
+
+def rotate_images(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Images (B, N, N) rotated by ``angles`` (B,) radians about pixel (N//2, N//2): bicubic
+    interpolation, zeros outside the box (multiples of 90° are pixel permutations inside the
+    circle of radius N/2; `quarter_turn` is exact everywhere)."""
+    n = int(images.shape[-1])
+    work = torch.float64 if images.dtype == torch.float64 else torch.float32
+    phi = angles.to(device=images.device, dtype=work)
+    cos, sin = torch.cos(phi), torch.sin(phi)
+    # affine_grid maps output to input coordinates (x = column, y = row, normalised to
+    # [-1, 1] with align_corners=False): input = R(-phi) (output - c) + c, c = pixel N//2
+    centre = torch.full((2,), (2 * (n // 2) + 1) / n - 1, dtype=work, device=images.device)
+    inverse = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+    theta = torch.cat([inverse, (centre - inverse @ centre)[..., None]], dim=-1)
+    grid = torch.nn.functional.affine_grid(theta, [len(images), 1, n, n], align_corners=False)
+    return torch.nn.functional.grid_sample(
+        images[:, None].to(work), grid, mode="bicubic", padding_mode="zeros", align_corners=False
+    )[:, 0].to(images.dtype)
+
+
+def inplane_views(images: torch.Tensor, n_views: int) -> torch.Tensor:
+    """``n_views`` copies of images (B, N, N) turned by 360° k / n_views (k = 0..n-1) about the
+    centre pixel, stacked view by view (n_views * B, N, N): quarter-turns exact
+    (`quarter_turn`), other angles interpolated (`rotate_images`)."""
+    if n_views < 1:
+        raise ValueError(f"n_views must be >= 1, got {n_views}")
+    views = []
+    for k in range(n_views):
+        if (4 * k) % n_views == 0:
+            views.append(quarter_turn(images, 4 * k // n_views))
+        else:
+            angle = torch.full((len(images),), 2 * math.pi * k / n_views, dtype=torch.float64)
+            views.append(rotate_images(images, angle))
+    return torch.cat(views)

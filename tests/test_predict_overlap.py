@@ -333,3 +333,85 @@ def test_lanes_give_the_results_of_one_lane_and_resume(
     assert not _background_threads()
     _assert_same(_predict_to(particles, net, out), one)
     assert not state.parent.exists()
+
+
+@pytest.mark.parametrize("views", [4, 6])
+def test_tta_averages_the_amplitudes_of_inplane_turns(
+    network: tuple[ParticleTable, api.TrainedNetwork], tmp_path: Path, views: int
+) -> None:
+    """``tta``: amplitudes = mean of the network's on the image turned by 360° k / views
+    (quarter-turns exact, 60° steps interpolated); orientations and shifts those of the image
+    as it is."""
+    from deephemnma_bridge.adapters import ParticleImages
+    from deephemnma_bridge.preprocess import (
+        PreprocessConfig,
+        preprocess_images,
+        quarter_turn,
+        rotate_images,
+    )
+    from deephemnma_bridge.training.data import CTF_FIELDS, ctf_from_rows
+    from deephemnma_bridge.training.targets import TargetSpec, decode
+
+    particles, net = network
+    plain = _predict_to(particles, net, tmp_path / "plain")
+    tta = _predict_to(particles, net, tmp_path / "tta", tta=views)
+    assert plain.rotation_matrices is not None and tta.rotation_matrices is not None
+    np.testing.assert_array_equal(plain.rotation_matrices, tta.rotation_matrices)
+    np.testing.assert_array_equal(plain.shifts_angstrom, tta.shifts_angstrom)
+    # by hand: the model on the four turns of the preprocessed images
+    model, meta = net.model.eval(), net.meta
+    spec = TargetSpec.from_dict(meta["target"])
+    prep = PreprocessConfig.from_dict(meta["preprocess"])
+    ctf = np.stack([np.asarray(getattr(particles, f), dtype=float) for f in CTF_FIELDS], 1)
+    with torch.no_grad():
+        x = preprocess_images(
+            torch.as_tensor(ParticleImages(particles).read(np.arange(len(particles)))),
+            pixel_size_angstrom=float(particles.pixel_size_angstrom[0]),
+            config=prep,
+            ctf=ctf_from_rows(ctf, torch.device("cpu")),
+        )
+        each = []
+        for k in range(views):
+            degrees = 360 * k / views
+            if degrees % 90 == 0:
+                turned = quarter_turn(x, int(degrees // 90))
+            else:
+                turned = rotate_images(x, torch.full((len(x),), np.radians(degrees)))
+            each.append(decode(spec, model(turned[:, None]))["amplitudes"])
+    got = np.stack([np.asarray(tta.extra[f"dhnAmplitude{m}"], float) for m in (7, 8, 9)], 1)
+    np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-4, atol=1e-4)
+    alone = np.stack([np.asarray(plain.extra[f"dhnAmplitude{m}"], float) for m in (7, 8, 9)], 1)
+    np.testing.assert_allclose(alone, each[0], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, alone, atol=1e-3)  # the turns do change the estimate
+
+
+def test_quarter_turn_keeps_the_centre_pixel() -> None:
+    """Exact turns about pixel N // 2 (even and odd N); four make the identity."""
+    from deephemnma_bridge.preprocess import quarter_turn
+
+    for n in (6, 7, 32):
+        c = n // 2
+        image = torch.zeros(2, n, n)
+        image[:, c, c] = 1.0
+        image[:, c, c + 2] = 2.0  # two pixels along +x
+        seen = []
+        for k in range(4):
+            turned = quarter_turn(image, k)
+            assert turned[0, c, c] == 1.0 and turned.sum() == image.sum()
+            seen.append(tuple(int(v) for v in torch.nonzero(turned[0] == 2.0)[0]))
+        # the off-centre pixel visits the four points two pixels from the centre
+        assert sorted(seen) == sorted([(c, c + 2), (c - 2, c), (c, c - 2), (c + 2, c)])
+        torch.testing.assert_close(quarter_turn(quarter_turn(image, 3), 1), image)
+
+
+def test_inplane_views_stack_the_turns_view_by_view() -> None:
+    from deephemnma_bridge.preprocess import inplane_views, quarter_turn, rotate_images
+
+    x = torch.randn(3, 16, 16)
+    views = inplane_views(x, 8)
+    assert views.shape == (24, 16, 16)
+    torch.testing.assert_close(views[:3], x)
+    torch.testing.assert_close(views[6:9], quarter_turn(x, 1))  # 90°: exact
+    torch.testing.assert_close(views[3:6], rotate_images(x, torch.full((3,), np.pi / 4)))
+    with pytest.raises(ValueError, match="n_views"):
+        inplane_views(x, 0)

@@ -182,6 +182,7 @@ def predict(
     deformation: str = "auto",
     fallback_cost: float | str | None = None,
     top_k: int = 4,
+    tta: int = 0,
     fallback_confidence: float | None = None,
     hemnma: ParticlesLike | None = None,
     batch_size: int = 64,
@@ -219,6 +220,12 @@ def predict(
         the 99th percentile of the ``hemnma`` particles' costs).
     top_k : int, default 4
         Grid head: refinement starts from this many orientations of each particle.
+    tta : int, default 0
+        Test-time augmentation: the amplitudes averaged over this many in-plane turns of each
+        image, 360° / tta apart (an amplitude does not depend on the in-plane angle; the
+        network's errors partly do), for ``tta`` times the forward passes; quarter-turns exact,
+        other angles interpolated (`preprocess.inplane_views`); orientations, shifts and
+        confidence from the image as it is. 0 or 1: off.
     fallback_confidence : float, optional
         Grid head: re-align the particles whose pose confidence is below this.
     hemnma : ParticleTable or path, optional
@@ -278,7 +285,7 @@ def predict(
     from ..adapters.images import portable_image_paths
     from ..device import loader_workers, resolve_device
     from ..fileutils import atomic_dir, check_not_input, check_output_dir, file_sha256
-    from ..preprocess import PreprocessConfig, preprocess_images
+    from ..preprocess import PreprocessConfig, inplane_views, preprocess_images
     from ..training.data import CTF_FIELDS, ParticleBatches, ctf_from_rows
     from ..training.targets import TargetSpec, decode
     from ..training.trainer import checkpoint_file
@@ -338,6 +345,8 @@ def predict(
         raise InputError(f"--refine must be >= 0 iterations, got {refine_steps}")
     if top_k < 1:
         raise InputError(f"--top-k must be >= 1, got {top_k}")
+    if tta < 0:
+        raise InputError(f"--tta must be >= 0 views (0: off), got {tta}")
     grid_head = any(spec.grid is not None for _, _, spec in nets)
     if fallback_confidence is not None:
         if not grid_head:
@@ -427,6 +436,7 @@ def predict(
         if modes_path is not None
         else loaded_modes.fingerprint(),
         "refine": refine_steps,
+        "tta": tta,
         "deformation": model_of,
         "fallback_cost": threshold,
     }
@@ -479,9 +489,17 @@ def predict(
 
     def forward(batch: _Batch) -> list[torch.Tensor]:
         outputs = []
-        for (model, _, _), x in zip(nets, batch.inputs, strict=True):
+        for (model, _, spec), x in zip(nets, batch.inputs, strict=True):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                outputs.append(model(x[:, None]).float())
+                y = model(x[:, None]).float()
+                amplitudes = spec.slices.get("amplitudes")
+                if tta > 1 and amplitudes is not None:
+                    turned = inplane_views(x, tta)[len(x) :]  # the first view is x itself
+                    more = model(turned[:, None]).float()[:, amplitudes]
+                    y = y.clone()
+                    extra = more.reshape(tta - 1, len(x), -1).sum(0)
+                    y[:, amplitudes] = (y[:, amplitudes] + extra) / tta
+            outputs.append(y)
         return outputs
 
     def decoded(outputs: list[torch.Tensor]) -> dict[str, np.ndarray]:

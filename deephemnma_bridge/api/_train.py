@@ -98,6 +98,7 @@ def train(
     lowpass_angstrom: float | None = None,
     dropout: float | None = None,
     lr_step_epochs: int | None = None,
+    lr_schedule: str | None = None,
     val_fraction: float | None = None,
     test_fraction: float | None = None,
     early_stopping_epochs: int | None = None,
@@ -136,6 +137,9 @@ def train(
         The paper's settings (400 epochs, batch 2, ...) or the fast ones.
     epochs, batch_size, lr, size_px, lowpass_angstrom, dropout, lr_step_epochs
         Override the preset.
+    lr_schedule : {"step", "cosine"}, optional
+        Learning-rate schedule: / 10 every ``lr_step_epochs`` (the paper's, default) or a cosine
+        from ``lr`` to ``lr`` / 100 over the epochs.
     val_fraction, test_fraction : float, optional
         Validation and held-out test particles (0.1 each).
     early_stopping_epochs : int, optional
@@ -233,6 +237,7 @@ def train(
         lowpass_angstrom=lowpass_angstrom,
         dropout=dropout,
         lr_step_epochs=lr_step_epochs,
+        lr_schedule=lr_schedule,
         soft_mask=mask,
         val_fraction=val_fraction,
         test_fraction=test_fraction,

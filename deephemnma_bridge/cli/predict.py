@@ -67,6 +67,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="grid head: --refine starts from this many orientations of each particle (4)",
     )
     p(
+        "--tta",
+        type=int,
+        default=0,
+        metavar="N",
+        help="amplitudes averaged over N in-plane turns of each image, 360/N° apart (N times the "
+        "forward passes; 12 measured best for the network alone; default 0: off)",
+    )
+    p(
         "--fallback-confidence",
         type=float,
         default=None,
@@ -110,6 +118,7 @@ def main(args: argparse.Namespace) -> int:
         deformation=args.deformation,
         fallback_cost=args.fallback_cost,
         top_k=args.top_k,
+        tta=args.tta,
         fallback_confidence=args.fallback_confidence,
         hemnma=args.hemnma,
         batch_size=args.batch_size,

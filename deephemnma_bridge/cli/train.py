@@ -53,6 +53,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--lowpass", type=float, default=None, help="input low-pass, Å (fast preset: 8)")
     p("--dropout", type=float, default=None, help="dropout in the MLP head (paper 0.5, fast 0)")
     p("--lr-step", type=int, default=None, help="divide the lr by 10 every N epochs (paper 80)")
+    p(
+        "--lr-schedule",
+        choices=["step", "cosine"],
+        default=None,
+        help="step: lr / 10 every --lr-step epochs (default); cosine: lr down to lr / 100 over "
+        "the epochs",
+    )
     p("--val-fraction", type=float, default=None, help="validation particles (0.1)")
     p("--test-fraction", type=float, default=None, help="held-out test particles (0.1)")
     p("--early-stopping", type=int, default=None, help="patience in epochs (0: off)")
@@ -124,6 +131,7 @@ def main(args: argparse.Namespace) -> int:
         lowpass_angstrom=args.lowpass,
         dropout=args.dropout,
         lr_step_epochs=args.lr_step,
+        lr_schedule=args.lr_schedule,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         early_stopping_epochs=args.early_stopping,

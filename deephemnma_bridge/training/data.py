@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from ..alignment.ctf import CTF_PARAM_FIELDS, CTFParams
 from ..imagesource import ImageSource
+from ..preprocess import rotate_images
 
 __all__ = [
     "CTF_FIELDS",
@@ -115,19 +116,9 @@ def rotate_inplane(
     radius N/2 on (`PreprocessConfig.soft_mask`) so that rotated and unrotated images look
     alike. Multiples of 90° are pixel permutations inside that circle.
     """
-    n = int(images.shape[-1])
-    work = torch.float64 if images.dtype == torch.float64 else torch.float32
-    phi = angles.to(device=images.device, dtype=work)
+    phi = angles.to(device=images.device, dtype=torch.float64)
+    out = rotate_images(images, phi)
     cos, sin = torch.cos(phi), torch.sin(phi)
-    # affine_grid maps output to input coordinates (x = column, y = row, normalised to
-    # [-1, 1] with align_corners=False): input = R(-phi) (output - c) + c, c = pixel N//2
-    centre = torch.full((2,), (2 * (n // 2) + 1) / n - 1, dtype=work, device=images.device)
-    inverse = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
-    theta = torch.cat([inverse, (centre - inverse @ centre)[..., None]], dim=-1)
-    grid = torch.nn.functional.affine_grid(theta, [len(images), 1, n, n], align_corners=False)
-    out = torch.nn.functional.grid_sample(
-        images[:, None].to(work), grid, mode="bicubic", padding_mode="zeros", align_corners=False
-    )[:, 0].to(images.dtype)
     lab = labels.clone()
     if "orientation" in slices:
         # A' = Rz(phi) A  ->  q' = (cos phi/2, 0, 0, sin phi/2) * q
