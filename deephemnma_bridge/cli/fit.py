@@ -23,16 +23,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..nma.modes import parse_mode_numbers
+from .simulate import mode_list
 
 __all__ = ["add_args", "main"]
-
-
-def _modes(text: str) -> list[int]:
-    try:
-        return parse_mode_numbers(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +37,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p("--overwrite", action="store_true", help="replace an existing --out")
     p("--chains", default=None, help="comma-separated chains of the model to keep (default all)")
     p("--resolution", type=float, default=8.0, help="fit band, Å (default 8; the map's or coarser)")
-    p("--use-modes", type=_modes, default=None, help="flexible modes (default 7 to --n-modes)")
+    p("--use-modes", type=mode_list, default=None, help="flexible modes (default 7 to --n-modes)")
     p("--n-modes", type=int, default=20, help="modes computed, incl. 6 rigid-body (default 20)")
     p("--cycles", type=int, default=3, help="fit, then new modes of the fitted model (default 3)")
     p("--iterations", type=int, default=40, help="L-BFGS iterations per stage (default 40)")

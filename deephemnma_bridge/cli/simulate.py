@@ -45,10 +45,11 @@ from pathlib import Path
 from ..api._simulate import check_room_for_output
 from ..nma.modes import parse_mode_numbers
 
-__all__ = ["add_args", "check_room_for_output", "main"]
+__all__ = ["add_args", "check_room_for_output", "main", "mode_list"]
 
 
-def _mode_list(text: str) -> list[int]:
+def mode_list(text: str) -> list[int]:
+    """argparse type of a mode list (``7,8,9``, ``7-12``)."""
     try:
         return parse_mode_numbers(text)
     except ValueError as exc:
@@ -66,7 +67,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     p("--model", type=Path, help="PDB/mmCIF reference (default: bundled 4AKE chain A)")
     p("--modes", type=Path, help="modes .npz from `deephemnma modes` (default: computed, ANM)")
-    p("--use-modes", type=_mode_list, default=[7, 8, 9], help="e.g. 7,8,9 or 7-12 (default 7,8,9)")
+    p("--use-modes", type=mode_list, default=[7, 8, 9], help="e.g. 7,8,9 or 7-12 (default 7,8,9)")
     p("--n", type=int, default=1000, help="number of particles (default 1000)")
     p("--box", type=int, default=128, help="box size, px (default 128)")
     p("--pixel-size", type=float, default=0.65, help="pixel size, Å (default 0.65)")
