@@ -36,6 +36,11 @@
     python benchmarks/bench_network.py --n-train 1000 --n-test 500 --epochs 30 \
         --batch-size 64 --refine 20 --net net_direct --train-args "--orientation-head grid \
         --modes MODES --synthetic-epochs 30 --synthetic-batches 100 --lr 1e-3 --lr-step 20"
+    # the network alone within 60 CPU-minutes (README, 2026-12-03; about 51 CPU-minutes):
+    python benchmarks/bench_network.py --n-train 1000 --n-test 500 --epochs 50 \
+        --batch-size 64 --refine 20 --tta 12 --net net_cos --train-args "--orientation-head \
+        grid --modes MODES --synthetic-epochs 48 --synthetic-batches 100 --lr 1e-3 \
+        --lr-schedule cosine --condition-on-orientation --loss-weights amplitudes=4"
     # step 4 alone, on an earlier run's network and particles:
     python benchmarks/bench_network.py --work DIR --net net_direct --throughput-only \
         --runs 3 --repeat 4   (the README's: the 1,500 particles listed 4 times)
