@@ -62,8 +62,8 @@ def denormals_flushed(device: torch.device) -> Iterator[None]:
     A network's weights and gradients drift into that range as it trains, and x86 CPUs compute
     with denormals many times slower: measured on the grid-head ResNet34 after 20 epochs, a
     training batch of 64 at 32 px took 0.77 CPU-s instead of 0.54 (1.4x), and the epochs had
-    slowed from 53 to 85 s. Values that small carry no information here. No effect on a GPU.
-    The setting belongs to the calling thread (and torch's intra-op threads).
+    slowed from 53 to 85 s (1 thread). Values that small carry no information here. No effect
+    on a GPU.
     """
     if device.type != "cpu":
         yield
