@@ -151,6 +151,11 @@ def test_analyze_writes_groups_models_report(project: Path, tmp_path: Path) -> N
     assert "coordsets true" in (out / "models" / "view.cxc").read_text()
     for name in ("pc_space.png", "amplitudes.png", "errors.png", "report.md", "pca.npz"):
         assert (out / name).is_file(), name
+    # the report says how a far group gets its own reference (map, fit, modes, align)
+    report = (out / "report.md").read_text()
+    assert (
+        "deephemnma fit " in report and "--keep-frame" in report and "relion_reconstruct" in report
+    )
     # new particles project into the saved space
     again = [
         "analyze",

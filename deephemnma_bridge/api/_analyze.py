@@ -565,6 +565,7 @@ def analyze(
             cxc.append("coordset slider #*")
             (tmp / "models" / "view.cxc").write_text("\n".join(cxc) + "\n")
             report += ["", "Models: models/ (centroids, PC-axis trajectories, view.cxc)"]
+            report += _second_reference_note(nm, out, group_ids)
         figures = _figures(tmp, frame, amps, mode_numbers, result, pca)
         if training_dir is not None and (training_dir / "training.png").is_file():
             shutil.copyfile(training_dir / "training.png", tmp / "training.png")
@@ -587,3 +588,35 @@ def analyze(
         out=out,
         report=out / "report.md",
     )
+
+
+def _second_reference_note(modes: Any, out: Path, group_ids: list[int]) -> list[str]:
+    """Report lines: how to give a group far from the reference a reference of its own (its
+    map, the reference model fitted into it, its modes, HEMNMA again; README, "A second
+    reference")."""
+    if not group_ids:
+        return []
+    model = modes.settings.get("model")
+    chains = modes.settings.get("chains")
+    if not model or str(modes.settings.get("nodes")) == "pseudoatoms":
+        return []
+    g = f"group_{group_ids[0]:02d}"
+    pick = f" --chains {chains}" if chains else ""
+    return [
+        "",
+        "## A group far from the reference",
+        "",
+        "HEMNMA's poses degrade for particles far from the reference (a hinge closing by tens of "
+        "degrees). Such a group gets a reference of its own: its map, the reference model fitted "
+        f"into it along its normal modes, and HEMNMA again with the fitted model's modes ({g} "
+        "as the example):",
+        "",
+        "```",
+        f"relion_reconstruct --i {out / 'groups' / g}.star --o {out / 'groups' / g}.mrc --ctf",
+        f"deephemnma fit {model} {out / 'groups' / g}.mrc{pick} --keep-frame "
+        f"--out {out / 'groups' / g}_fitted.pdb",
+        f"deephemnma modes {out / 'groups' / g}_fitted.pdb --out {out / 'groups' / g}_fitted.npz",
+        f"deephemnma align {out / 'groups' / g}.star --modes {out / 'groups' / g}_fitted.npz "
+        f"--out {out / g}_round2",
+        "```",
+    ]
