@@ -11,6 +11,7 @@ import numpy as np
 
 from ..fileutils import atomic_path, check_not_input, check_output_file
 from ..fitting import MapFit, fit_to_map
+from ..simulate import superpose
 from ._common import InputError, Log, choice, say
 
 __all__ = ["fit_model"]
@@ -193,7 +194,7 @@ def fit_model(
         say(log, f"Cα RMSD to {Path(compare).name} (superposed): {before:.2f} -> {after:.2f} Å")
     atoms = fit.atom_coordinates
     if keep_frame:
-        rot, shift = _superposition(fit.node_coordinates, cg.coordinates_angstrom)
+        rot, shift = superpose(fit.node_coordinates, cg.coordinates_angstrom)
         atoms = atoms @ rot.T + shift
         turn = float(np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1.0, 1.0))))
         moved = float(np.linalg.norm(fit.node_coordinates.mean(0) @ rot.T + shift
@@ -212,16 +213,7 @@ def fit_model(
     return fit
 
 
-def _superposition(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rotation R and shift t that put ``a`` (N, 3) on ``b`` (Kabsch): ``a @ R.T + t``."""
-    ca, cb = a.mean(0), b.mean(0)
-    u, _, vt = np.linalg.svd((a - ca).T @ (b - cb))
-    d = np.sign(np.linalg.det(u @ vt))
-    rot = (u @ np.diag([1.0, 1.0, d]) @ vt).T
-    return rot, cb - ca @ rot.T
-
-
 def _rmsd(a: np.ndarray, b: np.ndarray) -> float:
     """RMSD after the optimal superposition (Kabsch)."""
-    rot, shift = _superposition(a, b)
+    rot, shift = superpose(a, b)
     return float(np.sqrt((((a @ rot.T + shift) - b) ** 2).sum(1).mean()))
