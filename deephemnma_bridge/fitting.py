@@ -72,7 +72,7 @@ class MapBand:
         data = np.asarray(density.data, dtype=np.float64)
         if data.ndim != 3 or min(data.shape) < 4:
             raise InputError(f"{density.name or 'map'}: a 3D map is needed, got {data.shape}")
-        nz, ny, nx = data.shape
+        nx = data.shape[2]
         vx, vy, vz = (float(v) for v in density.voxel_size_angstrom)
         nyquist = 2 * max(vx, vy, vz)
         if resolution_angstrom < nyquist:
@@ -81,10 +81,7 @@ class MapBand:
                 f"({nyquist:g} Å); fit at {nyquist:g} Å or coarser"
             )
         spectrum = np.fft.rfftn(data)
-        fz = np.fft.fftfreq(nz, d=vz)
-        fy = np.fft.fftfreq(ny, d=vy)
-        fx = np.fft.rfftfreq(nx, d=vx)
-        kz, ky, kx = np.meshgrid(fz, fy, fx, indexing="ij")
+        kx, ky, kz = _frequencies(data.shape, (vx, vy, vz))
         k2 = kx**2 + ky**2 + kz**2
         inside = (k2 <= 1.0 / resolution_angstrom**2) & (k2 > 0)
         k = np.stack([kx[inside], ky[inside], kz[inside]], axis=1)
@@ -92,7 +89,7 @@ class MapBand:
         origin = np.asarray(density.origin_angstrom, dtype=np.float64)
         phase = np.exp(2j * np.pi * (k @ (np.asarray(shift_angstrom, dtype=np.float64) - origin)))
         values = spectrum[inside] * phase
-        ix = np.broadcast_to(np.arange(len(fx)), kx.shape)[inside]
+        ix = np.broadcast_to(np.arange(kx.shape[-1]), kx.shape)[inside]
         edge = (ix == 0) | ((nx % 2 == 0) & (ix == nx // 2))
         weight = np.where(edge, 1.0, 2.0)
         if np.sum(weight * np.abs(values) ** 2) <= 0:
@@ -101,6 +98,18 @@ class MapBand:
                 "(an empty or constant map?)"
             )
         return cls(k, values, weight, float(resolution_angstrom))
+
+
+def _frequencies(
+    shape: tuple[int, ...], voxel_angstrom: tuple[float, float, float]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Spatial frequencies (1/Å) kx, ky, kz of every coefficient of ``np.fft.rfftn`` of a map
+    of ``shape`` (nz, ny, nx) with voxel sizes (x, y, z), each of rfftn's shape."""
+    nz, ny, nx = shape
+    vx, vy, vz = voxel_angstrom
+    fz, fy, fx = np.fft.fftfreq(nz, d=vz), np.fft.fftfreq(ny, d=vy), np.fft.rfftfreq(nx, d=vx)
+    kz, ky, kx = np.meshgrid(fz, fy, fx, indexing="ij")
+    return kx, ky, kz
 
 
 def _band_density(
@@ -144,8 +153,7 @@ def render_map(
     xyz = np.asarray(coordinates, dtype=np.float64)
     nz, ny, nx = shape
     v = float(voxel_size_angstrom)
-    fz, fy, fx = np.fft.fftfreq(nz, d=v), np.fft.fftfreq(ny, d=v), np.fft.rfftfreq(nx, d=v)
-    kz, ky, kx = np.meshgrid(fz, fy, fx, indexing="ij")
+    kx, ky, kz = _frequencies(shape, (v, v, v))
     k2 = kx**2 + ky**2 + kz**2
     inside = k2 <= 1.0 / resolution_angstrom**2
     k = np.stack([kx[inside], ky[inside], kz[inside]], axis=1)
