@@ -325,25 +325,18 @@ def fit_to_map(
             re, im = _band_density(torch.as_tensor(points), k, sigma, wt)
             return float(_ncc(re, im, target, w))
 
-    def rendered(
-        current_atoms: np.ndarray, current_nodes: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """What the density is computed from: the moving atoms, or one blob per node."""
-        if template == "atoms":
-            return current_atoms[moving], None
-        count = np.bincount(owner[moving], minlength=len(current_nodes)).astype(np.float64)
-        sums = np.stack(
-            [
-                np.bincount(owner[moving], current_atoms[moving, a], len(current_nodes))
-                for a in (0, 1, 2)
-            ],
-            1,
-        )
-        has = count > 0
-        return sums[has] / count[has, None], count[has] / count[has].mean()
+    def template_score(current_atoms: np.ndarray, current_nodes: np.ndarray) -> float:
+        """The correlation at ``resolution_angstrom`` of the points the fit renders (the
+        template of `ReferenceModel.from_modes`: atoms, or one blob per node)."""
+        ref = ReferenceModel.from_modes(
+            current_nodes, np.zeros((0, len(current_nodes), 3)), [], template=template,
+            atom_coordinates=current_atoms[moving], atom_node=owner[moving],
+            centre_angstrom=np.zeros(3),
+        )  # fmt: skip
+        w = None if ref.weights is None else ref.weights.double().numpy()
+        return score(ref.coordinates.double().numpy(), w, resolution_angstrom)
 
-    pts, wts = rendered(atoms, nodes)
-    correlation_start = score(pts, wts, resolution_angstrom)
+    correlation_start = template_score(atoms, nodes)
     stages: list[FitStage] = []
     current = modes
     for cycle in range(1, cycles + 1):
@@ -409,12 +402,11 @@ def fit_to_map(
             new_atoms[~moving] = (atoms[~moving] - centroid) @ rot.T + tr
             nodes = ref_nodes.deformed(q)[0].double().numpy() @ rot.T + tr
             atoms = new_atoms
-    pts, wts = rendered(atoms, nodes)
     return MapFit(
         atom_coordinates=atoms,
         node_coordinates=nodes,
         correlation_start=correlation_start,
-        correlation=score(pts, wts, resolution_angstrom),
+        correlation=template_score(atoms, nodes),
         stages=stages,
     )
 
