@@ -85,7 +85,7 @@ from numpy.typing import NDArray
 
 from deephemnma_bridge.adapters import read_particles, write_particles
 from deephemnma_bridge.conventions import angle_between_rotations_degrees, euler_to_matrix
-from deephemnma_bridge.evaluation import ground_truth_errors
+from deephemnma_bridge.evaluation import frame_offset, ground_truth_errors
 from deephemnma_bridge.particles import ParticleTable
 
 CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
@@ -352,23 +352,6 @@ def case_large(work: Path, args: argparse.Namespace) -> None:
     )
 
 
-def frame_offset(table: ParticleTable) -> tuple[float, NDArray[np.float64]]:
-    """The rotation G that best maps the true poses on the found ones (``A ~ A_true G``: the
-    chordal mean of ``A_true^T A`` over the best 70 %, three passes); (its angle in °, the
-    particles' angles to their true poses once it is taken out)."""
-    assert table.rotation_matrices is not None
-    found, true = table.rotation_matrices, true_rotations(table)
-    keep = np.ones(len(found), dtype=bool)
-    g = np.eye(3)
-    for _ in range(3):
-        u, _, vt = np.linalg.svd(np.einsum("nji,njk->ik", true[keep], found[keep]))
-        g = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
-        left = np.asarray(angle_between_rotations_degrees(found, true @ g))
-        keep = left < np.percentile(left, 70)
-    angle = float(np.degrees(np.arccos(np.clip((np.trace(g) - 1) / 2, -1.0, 1.0))))
-    return angle, left
-
-
 def case_refit(work: Path, args: argparse.Namespace) -> None:
     n = args.n_refit
     sim = simulate(work, "refit_closed_in_open", n, closed_args(work, 0.0), args.device)
@@ -417,7 +400,8 @@ def case_refit(work: Path, args: argparse.Namespace) -> None:
     table = read_particles(out2)
     s = errors(table)
     row("refit round 2 (fitted)", n, s, cpu2, wall2)
-    turn, left = frame_offset(table)
+    assert table.rotation_matrices is not None
+    turn, left = frame_offset(table.rotation_matrices, true_rotations(table))
     print(
         f"  refit    round 2 modulo the frame (turned {turn:.2f}°): median "
         f"{np.median(left):.2f}°, p90 {np.percentile(left, 90):.2f}°"

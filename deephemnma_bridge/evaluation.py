@@ -6,7 +6,9 @@ true origins (median, pixels), and per mode the Pearson correlation and the mean
 error divided by the simulated range. Grouped by ``dhnSource`` (hemnma / network) on request.
 With ``symmetry`` (a Cn/Dn symbol in RELION's frame, or the group's matrices in the model's
 frame, e.g. from `symmetry.find_symmetry_frame`), angles are modulo the group: a pose on a
-symmetry-equivalent orientation of a (pseudo-)symmetric complex scores 0.
+symmetry-equivalent orientation of a (pseudo-)symmetric complex scores 0. `frame_offset`
+separates a global rotation of all poses (a reference in another frame) from the per-particle
+errors.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
 from .conventions import angle_between_rotations_degrees, euler_to_matrix
 from .errors import InputError
 from .particles import ParticleTable
 from .symmetry import angle_between_rotations_modulo, point_group
 
-__all__ = ["ground_truth_errors"]
+__all__ = ["frame_offset", "ground_truth_errors"]
 
 
 def ground_truth_errors(
@@ -77,3 +79,45 @@ def ground_truth_errors(
             )
         out[name] = row
     return out
+
+
+def frame_offset(
+    found: ArrayLike, true: ArrayLike, *, keep: float = 0.7, passes: int = 3
+) -> tuple[float, NDArray[np.float64]]:
+    """The global rotation ``G`` that best maps the true poses on the found ones, and the
+    errors left once it is taken out.
+
+    A reference in another frame than the simulator's (e.g. a model fitted into a map and
+    superposed back) turns every found pose by the same ``G``: ``A_found ~ A_true G``. ``G`` is
+    the chordal mean of ``A_true^T A_found`` (the rotation nearest their sum), over the best
+    ``keep`` fraction of the particles, re-estimated ``passes`` times (a few particles on wrong
+    poses do not pull it).
+
+    Parameters
+    ----------
+    found, true : arrays (n, 3, 3)
+        Found and true rotation matrices (RELION's convention).
+
+    Returns
+    -------
+    angle : float
+        The rotation angle of ``G``, degrees.
+    left : array (n,)
+        Each particle's angle (°) between ``A_found`` and ``A_true G``.
+    """
+    a = np.asarray(found, dtype=np.float64)
+    t = np.asarray(true, dtype=np.float64)
+    if a.shape != t.shape or a.ndim != 3 or a.shape[1:] != (3, 3) or not len(a):
+        raise InputError(f"frame_offset needs two (n, 3, 3) arrays, got {a.shape} and {t.shape}")
+    if not 0 < keep <= 1 or passes < 1:
+        raise InputError(f"keep must be in (0, 1] and passes >= 1, got {keep}, {passes}")
+    chosen = np.ones(len(a), dtype=bool)
+    g = np.eye(3)
+    left = np.asarray(angle_between_rotations_degrees(a, t))
+    for _ in range(passes):
+        u, _, vt = np.linalg.svd(np.einsum("nji,njk->ik", t[chosen], a[chosen]))
+        g = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+        left = np.asarray(angle_between_rotations_degrees(a, t @ g))
+        chosen = left <= np.percentile(left, 100 * keep)
+    angle = float(np.degrees(np.arccos(np.clip((np.trace(g) - 1) / 2, -1.0, 1.0))))
+    return angle, left
