@@ -214,7 +214,11 @@ class ParticleImages:
     ) -> None:
         """``out[dest] = data[idx]`` (``idx`` ascending). From a memory-mapped stack, runs of
         consecutive images are read with one ``readinto`` each: measured 0.03 ms of CPU per
-        128 px image against 0.10-0.13 ms for the memory map's page faults."""
+        128 px image against 0.10-0.13 ms for the memory map's page faults. A run that goes to
+        consecutive places of ``out`` (a batch in file order) from a stack of float32 is read
+        straight into them, with no buffer to fill and copy: at 1 thread, batches of 128
+        images of 128 px between forward passes (`predict`'s loop), 0.040 -> 0.025 ms of CPU
+        per image for the whole batch read."""
         name = getattr(data, "filename", None)
         if not (
             isinstance(data, np.memmap) and name and data.ndim == 3 and data.flags.c_contiguous
@@ -223,15 +227,22 @@ class ParticleImages:
             return
         frame = int(data.shape[1] * data.shape[2] * data.dtype.itemsize)
         breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        direct = data.dtype == out.dtype and out.flags.c_contiguous
         with open(name, "rb") as f:  # one open per stack and batch
             for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(idx)], strict=True):
-                buf = np.empty((int(b - a), *data.shape[1:]), dtype=data.dtype)
+                first = int(dest[a])
+                in_place = direct and bool(np.all(dest[a:b] == np.arange(first, first + b - a)))
+                if in_place:
+                    buf = out[first : first + b - a]  # a view of out
+                else:
+                    buf = np.empty((int(b - a), *data.shape[1:]), dtype=data.dtype)
                 f.seek(int(data.offset) + int(idx[a]) * frame)
                 if f.readinto(buf.data.cast("B")) != buf.nbytes:
                     raise ParticleFileError(
                         f"{name}: the stack ends before image {int(idx[b - 1]) + 1}"
                     )
-                out[dest[a:b]] = buf
+                if not in_place:
+                    out[dest[a:b]] = buf
 
     def _data(self, stack: str) -> NDArray[Any]:
         path = self._resolved.get(stack)

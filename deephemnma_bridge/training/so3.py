@@ -26,6 +26,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["OrientationGrid", "quaternion_to_matrix_t"]
@@ -156,7 +157,7 @@ class OrientationGrid:
         quats, masses = [], []
         exact = self._exact(p.device)
         for _ in range(k):
-            idx = torch.where(free, p, torch.full_like(p, -1.0)).argmax(dim=-1)  # (B,)
+            idx = _argmax_rows(torch.where(free, p, torch.full_like(p, -1.0)))  # (B,)
             dot = _dots(exact[idx, None], exact)  # (B, G) float64
             inside = _within(dot, near)
             w = p * (inside & ~claimed)
@@ -180,7 +181,7 @@ class OrientationGrid:
         claimed = torch.zeros_like(p, dtype=torch.bool)  # bins an earlier candidate averaged
         quats, masses = [], []
         for _ in range(k):
-            idx = masked.argmax(dim=-1)  # (B,)
+            idx = _argmax_rows(masked)  # (B,)
             nbr = table.near_index[idx]  # (B, K)
             w = p[rows, nbr] * (table.near_valid[idx] & ~claimed[rows, nbr])
             mean = torch.einsum("bk,bkc->bc", w * table.near_sign[idx], self.quaternions[nbr])
@@ -213,6 +214,17 @@ class OrientationGrid:
 #: Grids with more rotations than this are decoded without a neighbour table, whose set-up
 #: compares every pair of rotations (4,416 at 15°: ~0.2 s; 14,868 at 10°: ~2 s).
 NEIGHBOUR_TABLE_MAX = 20_000
+
+
+def _argmax_rows(values: torch.Tensor) -> torch.Tensor:
+    """``values.argmax(dim=-1)`` of a 2-D tensor: the position of each row's first maximum (a
+    NaN counts as one). On the CPU through numpy, whose loop is vectorised: measured at 1
+    thread on (128, 4417) float32 probabilities, 0.05 ms against torch's 0.84 ms (4 calls
+    per `OrientationGrid.decode`, more than half of the decoding's time)."""
+    if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
+        return values.argmax(dim=-1)
+    rows = values.detach().numpy()
+    return torch.from_numpy(np.argmax(rows, axis=-1).astype(np.int64, copy=False))
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

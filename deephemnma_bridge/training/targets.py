@@ -190,18 +190,20 @@ def decode(
     ``shifts`` (n, 2) Å, for the parts predicted. The grid head adds ``candidates``
     (n, top_k, 3, 3), their ``probabilities`` (n, top_k) and ``confidence`` (n,)
     (`so3.OrientationGrid.decode`)."""
-    y = outputs.detach().double().cpu().numpy()
     out: dict[str, NDArray[np.float64]] = {}
+    grid = spec.grid
     for part, sl in spec.slices.items():
-        v = y[:, sl]
-        if part == "amplitudes":
-            out["amplitudes"] = v * np.asarray(spec.amplitude_std) + np.asarray(spec.amplitude_mean)
-        elif part == "orientation" and spec.grid is not None:
-            dec = spec.grid.decode(outputs[:, sl].detach().float().cpu(), k=top_k)
+        if part == "orientation" and grid is not None:
+            dec = grid.decode(outputs[:, sl].detach().float().cpu(), k=top_k)
             out["rotations"] = dec["rotations"].double().numpy()
             out["candidates"] = dec["candidates"].double().numpy()
             out["probabilities"] = dec["probabilities"].double().numpy()
             out["confidence"] = dec["confidence"].double().numpy()
+            continue
+        # float64 of this part's columns alone (not of the grid head's thousands of scores)
+        v = outputs[:, sl].detach().double().cpu().numpy()
+        if part == "amplitudes":
+            out["amplitudes"] = v * np.asarray(spec.amplitude_std) + np.asarray(spec.amplitude_mean)
         elif part == "orientation":
             q = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
             out["rotations"] = quaternion_to_matrix(canonical_quaternion(q))
