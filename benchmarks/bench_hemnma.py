@@ -34,15 +34,16 @@ Cases (``--cases default,large,mix,range,scale,threads``; default: ``default``):
   pseudo-hexamer, also with ``--symmetry C6 --symmetry-search`` when align lists them, scored on
   the poses as found (the folding undone with ``_dhnSymmetryElement``). ``--range-models``
   (``adk,7pbl``) picks the models.
-* ``refit``: the ``large`` particles (``--n-refit``, 600, enough for a map) in two rounds, as a
-  user would run them: round 1 aligned with the open modes (``--large-args``); the particles
-  reconstructed with round 1's poses by RELION (``relion_reconstruct --ctf``; skipped without
-  it); the open model fitted into that map (``deephemnma fit 4ake.pdb --chains A --keep-frame``,
-  the Cα RMSD to 1AKE printed); modes of the fitted model; round 2 aligned with them (align's
-  defaults). Median <= 2° and p90 <= 4° for round 2, as found, and modulo the frame: a map
-  reconstructed from round 1's poses, and a model fitted into it, are turned as a whole by round
-  1's systematic error, and the rotation that best maps the true poses on the found ones (the
-  chordal mean over the best 70 %, three passes) is printed and taken out.
+* ``refit``: the ``large`` particles (``--n-refit``, 600, enough for a map) in
+  ``--refit-rounds`` rounds (3), as a user would run them: round 1 aligned with the open modes
+  (``--large-args``); then each round reconstructs the particles with the last round's poses by
+  RELION (``relion_reconstruct --ctf``; skipped without it), fits the open model into that map
+  (``deephemnma fit 4ake.pdb --chains A --keep-frame`` and ``--fit-args``, the Cα RMSD to 1AKE
+  printed), computes the fitted model's modes and aligns again with them (align's defaults).
+  Median <= 2° and p90 <= 4° for the last round, as found, and modulo the frame: a model fitted
+  into a map is turned as a whole by its own error (and, without ``--keep-frame``, by the poses'
+  systematic error), and the rotation that best maps the true poses on the found ones
+  (`evaluation.frame_offset`) is printed and taken out.
 * ``large``: also prints the deformation model's floor: the modes' best geometric fit of the
   closed nodes, and particles refined from their true poses with those amplitudes frozen.
 * ``scale``: 4YVS (26k atoms, 128 px at 1.8 Å, modes 7-9, 3 Å RMS): <= 1.5 CPU-s per particle
@@ -353,75 +354,81 @@ def case_large(work: Path, args: argparse.Namespace) -> None:
 
 
 def case_refit(work: Path, args: argparse.Namespace) -> None:
-    n = args.n_refit
+    n, rounds = args.n_refit, args.refit_rounds
     sim = simulate(work, "refit_closed_in_open", n, closed_args(work, 0.0), args.device)
     header()
-    out1, wall1, cpu1 = align(
+    out, wall1, cpu1 = align(
         work, "refit_round1", sim / "particles.star", sim / "modes.npz", LARGE_MODES,
         args.large_args.split(), args.device,
     )  # fmt: skip
-    row("refit round 1 (open)", n, scores(out1), cpu1, wall1)
+    row("refit round 1 (open)", n, scores(out), cpu1, wall1)
     if shutil.which("relion_reconstruct") is None:
-        print("  refit    relion_reconstruct not found: rounds 2 skipped (apt-get install relion)")
+        print("  refit    relion_reconstruct not found: rounds 2+ skipped (apt-get install relion)")
         return
-    density = work / "refit_round1.mrc"
-    t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(
-        # image paths in align's STAR are relative to the directory it ran in (this one)
-        ["relion_reconstruct", "--i", str(out1), "--o", str(density), "--ctf"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"relion_reconstruct failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    cpu_map = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    print(f"  refit    relion_reconstruct: {time.perf_counter() - t0:.0f} s, {cpu_map:.0f} CPU-s")
-    fitted = work / "refit_fitted.pdb"
-    for stale in (fitted, work / "refit_fitted_fit.json"):
-        stale.unlink(missing_ok=True)
-    wall_fit, cpu_fit = run(
-        ["fit", str(DATA / "4ake.pdb"), str(density), "--chains", "A", "--keep-frame",
-         "--out", str(fitted), "--compare", str(DATA / "1ake.pdb"), "--compare-chains", "A"],
-    )  # fmt: skip
-    report = json.loads((work / "refit_fitted_fit.json").read_text())
-    rmsd, turned = report["compare"], report["keep_frame"]["rotation_degrees"]
-    print(
-        f"  refit    fit: correlation {report['correlation_start']:.3f} -> "
-        f"{report['correlation']:.3f}, Cα RMSD to 1AKE {rmsd['rmsd_before']:.2f} -> "
-        f"{rmsd['rmsd_after']:.2f} Å, turned {turned:.2f}° back to 4AKE's frame; "
-        f"{wall_fit:.0f} s, {cpu_fit:.0f} CPU-s"
-    )
-    modes = work / "refit_fitted.npz"
-    run(["modes", str(fitted), "--out", str(modes), "--overwrite"])
-    out2, wall2, cpu2 = align(
-        work, "refit_round2", sim / "particles.star", modes, [7, 8, 9], [], args.device
-    )
-    table = read_particles(out2)
-    s = errors(table)
-    row("refit round 2 (fitted)", n, s, cpu2, wall2)
-    assert table.rotation_matrices is not None
-    turn, left = frame_offset(table.rotation_matrices, true_rotations(table))
-    print(
-        f"  refit    round 2 modulo the frame (turned {turn:.2f}°): median "
-        f"{np.median(left):.2f}°, p90 {np.percentile(left, 90):.2f}°"
-    )
-    check("refit", f"round 2 median angle (°), n={n}", s["angle_median"], "<=", 2.0, ".2f")
-    check("refit", "round 2 p90 angle (°)", s["angle_p90"], "<=", 4.0, ".2f")
-    check("refit", "round 2 median modulo the frame (°)", float(np.median(left)), "<=", 2.0, ".2f")
+    costs = [f"round 1 {cpu1 / n:.3f}"]
+    total = cpu1
+    for r in range(2, rounds + 1):
+        density = work / f"refit_round{r - 1}.mrc"
+        t0 = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(
+            # image paths in align's STAR are relative to the directory it ran in (this one)
+            ["relion_reconstruct", "--i", str(out), "--o", str(density), "--ctf"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise SystemExit(
+                f"relion_reconstruct failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        cpu_map = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        print(
+            f"  refit    relion_reconstruct of round {r - 1}'s poses: "
+            f"{time.perf_counter() - t0:.0f} s, {cpu_map:.0f} CPU-s"
+        )
+        fitted = work / f"refit_fitted{r}.pdb"
+        for stale in (fitted, work / f"refit_fitted{r}_fit.json"):
+            stale.unlink(missing_ok=True)
+        wall_fit, cpu_fit = run(
+            ["fit", str(DATA / "4ake.pdb"), str(density), "--chains", "A", "--keep-frame",
+             "--out", str(fitted), "--compare", str(DATA / "1ake.pdb"), "--compare-chains", "A",
+             *args.fit_args.split()],
+        )  # fmt: skip
+        report = json.loads((work / f"refit_fitted{r}_fit.json").read_text())
+        rmsd, turned = report["compare"], report["keep_frame"]["rotation_degrees"]
+        print(
+            f"  refit    fit {args.fit_args or '(defaults)'}: correlation "
+            f"{report['correlation_start']:.3f} -> {report['correlation']:.3f}, Cα RMSD to 1AKE "
+            f"{rmsd['rmsd_before']:.2f} -> {rmsd['rmsd_after']:.2f} Å, turned {turned:.2f}° back "
+            f"to 4AKE's frame; {wall_fit:.0f} s, {cpu_fit:.0f} CPU-s"
+        )
+        modes = work / f"refit_fitted{r}.npz"
+        _, cpu_modes = run(["modes", str(fitted), "--out", str(modes), "--overwrite"])
+        out, wall2, cpu2 = align(
+            work, f"refit_round{r}", sim / "particles.star", modes, [7, 8, 9], [], args.device
+        )
+        table = read_particles(out)
+        s = errors(table)
+        row(f"refit round {r} (fitted)", n, s, cpu2, wall2)
+        assert table.rotation_matrices is not None
+        turn, left = frame_offset(table.rotation_matrices, true_rotations(table))
+        print(
+            f"  refit    round {r} modulo the frame (turned {turn:.2f}°): median "
+            f"{np.median(left):.2f}°, p90 {np.percentile(left, 90):.2f}°"
+        )
+        costs.append(
+            f"map {cpu_map / n:.3f}, fit {(cpu_fit + cpu_modes) / n:.3f}, round {r} {cpu2 / n:.3f}"
+        )
+        total += cpu_map + cpu_fit + cpu_modes + cpu2
+    last = f"round {rounds}"
+    check("refit", f"{last} median angle (°), n={n}", s["angle_median"], "<=", 2.0, ".2f")
+    check("refit", f"{last} p90 angle (°)", s["angle_p90"], "<=", 4.0, ".2f")
+    check("refit", f"{last} median modulo the frame (°)", float(np.median(left)), "<=", 2.0, ".2f")
     check(
-        "refit",
-        "round 2 p90 modulo the frame (°)",
-        float(np.percentile(left, 90)),
-        "<=",
-        4.0,
+        "refit", f"{last} p90 modulo the frame (°)", float(np.percentile(left, 90)), "<=", 4.0,
         ".2f",
-    )
-    total = cpu1 + cpu_map + cpu_fit + cpu2
-    print(
-        f"  refit    CPU-s per particle: round 1 {cpu1 / n:.3f}, map {cpu_map / n:.3f}, fit "
-        f"{cpu_fit / n:.3f}, round 2 {cpu2 / n:.3f}; all {total / n:.3f}"
-    )
+    )  # fmt: skip
+    print(f"  refit    CPU-s per particle: {'; '.join(costs)}; all {total / n:.3f}")
 
 
 def model_floor(work: Path, sim: Path, n: int, nonlinear: bool) -> NDArray[np.float64]:
@@ -786,6 +793,10 @@ def main() -> None:
     )
     parser.add_argument("--n-large", type=int, default=None, help="large case (300; quick 48)")
     parser.add_argument("--n-refit", type=int, default=None, help="refit case (600; 300)")
+    parser.add_argument(
+        "--refit-rounds", type=int, default=3, help="refit: alignments in all, the first included"
+    )
+    parser.add_argument("--fit-args", default="", help="refit: more `deephemnma fit` options")
     parser.add_argument("--n-mix", type=int, default=None, help="mix case, both halves (400; 64)")
     parser.add_argument("--n-range", type=int, default=None, help="range case, each (300; 64)")
     parser.add_argument("--n-scale", type=int, default=None, help="scale case (96; 12)")

@@ -49,12 +49,13 @@ Cases:
   three, 12 particles above 20°), fitted amplitudes within 7-9 % of the projection, align
   0.43-0.51 CPU-s per particle; ``deephemnma simulate``'s particles (bench_hemnma.py ``--cases
   large --n-large 96``): median 5.96°, p90 12.25°.
-* ``--conformation 1ake.pdb --refit``: then the user's second round, as bench_hemnma.py's refit
-  case does on our simulator's particles: ``relion_reconstruct --ctf`` of the first round's
-  poses, ``deephemnma fit`` of ``--pdb`` into that map (``--keep-frame``, compared with the
-  conformation), ``modes`` of the fitted model and ``align`` again with its defaults (modes
-  7-9). Scored as found and modulo the frame (`evaluation.frame_offset`: the global rotation
-  between the true poses and the found ones, which the fitted model's own error causes).
+* ``--conformation 1ake.pdb --refit 3``: then the user's further rounds, as bench_hemnma.py's
+  refit case does on our simulator's particles: ``relion_reconstruct --ctf`` of the last
+  round's poses, ``deephemnma fit`` of ``--pdb`` into that map (``--keep-frame``, compared with
+  the conformation; ``--fit-args``), ``modes`` of the fitted model and ``align`` again with its
+  defaults (modes 7-9). Each round scored as found and modulo the frame
+  (`evaluation.frame_offset`: the global rotation between the true poses and the found ones,
+  which the fitted model's own error causes).
 
 relion_project seeds its noise identically on every run, so a rerun with the same options
 makes the same images; ``--seed`` draws other poses, origins and defocus.
@@ -329,11 +330,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep the files here")
     parser.add_argument(
         "--refit",
-        action="store_true",
-        help="with --conformation: reconstruct, fit --pdb into the map, align again (round 2)",
+        type=int,
+        default=1,
+        metavar="ROUNDS",
+        help="with --conformation: alignments in all (default 1); each after the first "
+        "reconstructs, fits --pdb into the map and aligns again with the fitted model's modes",
     )
+    parser.add_argument("--fit-args", default="", help="--refit: more `deephemnma fit` options")
     args = parser.parse_args()
-    if args.refit and args.conformation is None:
+    if args.refit > 1 and args.conformation is None:
         parser.error("--refit needs --conformation (the structure the particles show)")
 
     if shutil.which("relion_project") is None:
@@ -521,64 +526,73 @@ def main() -> None:
         f"{not_converged} not converged; load {os.getloadavg()[0]:.2f}"
     )
     info["result"] = result
-    if args.refit:
+    if args.refit > 1:
         info["refit"] = refit(work, args, out / "particles.star", cpu)
     (work / "summary.json").write_text(json.dumps(info, indent=1, default=str))
 
 
 def refit(work: Path, args: argparse.Namespace, round1: Path, cpu1: float) -> dict[str, Any]:
-    """Round 2 (``--refit``): map of the round-1 poses, --pdb fitted into it, aligned again."""
+    """Rounds 2.. (``--refit N``): each a map of the last round's poses, --pdb fitted into
+    it, aligned again with the fitted model's modes; scores of every round."""
     if shutil.which("relion_reconstruct") is None:
         raise SystemExit("--refit needs relion_reconstruct on PATH (RELION 3.1)")
-    density = work / "round1.mrc"
-    cmd = ["relion_reconstruct", "--i", str(round1), "--o", str(density), "--ctf"]
-    _, cpu_map, _ = run(cmd)
-    print(f"\n  $ {' '.join(cmd)}  ({cpu_map:.1f} CPU-s)")
-    fitted = work / "fitted.pdb"
-    cmd = ["fit", str(args.pdb), str(density), "--chains", args.chains, "--keep-frame"]
-    cmd += ["--out", str(fitted), "--compare", str(args.conformation)]
-    cmd += ["--compare-chains", args.conformation_chains, "--overwrite"]
-    _, cpu_fit, _ = run([*CLI, *cmd])
-    report = json.loads((work / "fitted_fit.json").read_text())
-    print(
-        f"  $ deephemnma {' '.join(cmd)}\n  fit: correlation {report['correlation_start']:.3f}"
-        f" -> {report['correlation']:.3f}, Cα RMSD to {args.conformation.name} "
-        f"{report['compare']['rmsd_before']:.2f} -> {report['compare']['rmsd_after']:.2f} Å, "
-        f"turned {report['keep_frame']['rotation_degrees']:.2f}° back to {args.pdb.name}'s "
-        f"frame ({cpu_fit:.1f} CPU-s)"
-    )
-    modes = work / "fitted.npz"
-    _, cpu_modes, _ = run([*CLI, "modes", str(fitted), "--out", str(modes), "--overwrite"])
-    out = work / "aligned_round2"
-    cmd = ["align", str(round1), "--modes", str(modes), "--use-modes", "7,8,9", "--out", str(out)]
-    cmd += ["--threads", "1", "--device", "cpu", "--overwrite"]
-    _, cpu2, _ = run([*CLI, *cmd])
-    print(f"  $ OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 deephemnma {' '.join(cmd)}")
-    table = read_particles(out / "particles.star")
-    assert table.rotation_matrices is not None
-    truth = euler_to_matrix(np.stack([np.asarray(table.extra[k], float) for k in TRUE], 1))
-    angle = angle_between_rotations_degrees(table.rotation_matrices, truth)
-    turn, left = frame_offset(table.rotation_matrices, truth)
-    n = len(table)
-    total = cpu1 + cpu_map + cpu_fit + cpu_modes + cpu2
-    result = {
-        "fit_rmsd_angstrom": report["compare"]["rmsd_after"],
-        "angle_median": float(np.median(angle)),
-        "angle_p90": float(np.percentile(angle, 90)),
-        "frame_degrees": turn,
-        "modulo_frame_median": float(np.median(left)),
-        "modulo_frame_p90": float(np.percentile(left, 90)),
-        "cpu_s_per_particle": total / n,
-    }
-    print(
-        f"  round 2 (fitted model, align's defaults), n {n}: as found median "
-        f"{result['angle_median']:.2f}°, p90 {result['angle_p90']:.2f}°; modulo the frame "
-        f"(turned {turn:.2f}°) median {result['modulo_frame_median']:.2f}°, p90 "
-        f"{result['modulo_frame_p90']:.2f}° (issue 12's targets: 2° / 4°)\n  CPU-s per "
-        f"particle: round 1 {cpu1 / n:.3f}, map {cpu_map / n:.3f}, fit {cpu_fit / n:.3f}, modes "
-        f"{cpu_modes / n:.3f}, round 2 {cpu2 / n:.3f}; all {total / n:.3f}"
-    )
-    return result
+    last, total, results = round1, cpu1, {}
+    for r in range(2, args.refit + 1):
+        density = work / f"round{r - 1}.mrc"
+        cmd = ["relion_reconstruct", "--i", str(last), "--o", str(density), "--ctf"]
+        _, cpu_map, _ = run(cmd)
+        print(f"\n  $ {' '.join(cmd)}  ({cpu_map:.1f} CPU-s)")
+        fitted = work / f"fitted{r}.pdb"
+        cmd = ["fit", str(args.pdb), str(density), "--chains", args.chains, "--keep-frame"]
+        cmd += ["--out", str(fitted), "--compare", str(args.conformation)]
+        cmd += ["--compare-chains", args.conformation_chains, "--overwrite"]
+        cmd += args.fit_args.split()
+        _, cpu_fit, _ = run([*CLI, *cmd])
+        report = json.loads((work / f"fitted{r}_fit.json").read_text())
+        print(
+            f"  $ deephemnma {' '.join(cmd)}\n  fit: correlation "
+            f"{report['correlation_start']:.3f} -> {report['correlation']:.3f}, Cα RMSD to "
+            f"{args.conformation.name} {report['compare']['rmsd_before']:.2f} -> "
+            f"{report['compare']['rmsd_after']:.2f} Å, turned "
+            f"{report['keep_frame']['rotation_degrees']:.2f}° back to {args.pdb.name}'s frame "
+            f"({cpu_fit:.1f} CPU-s)"
+        )
+        modes = work / f"fitted{r}.npz"
+        _, cpu_modes, _ = run([*CLI, "modes", str(fitted), "--out", str(modes), "--overwrite"])
+        out = work / f"aligned_round{r}"
+        cmd = ["align", str(round1), "--modes", str(modes), "--use-modes", "7,8,9"]
+        cmd += ["--out", str(out), "--threads", "1", "--device", "cpu", "--overwrite"]
+        _, cpu2, _ = run([*CLI, *cmd])
+        print(f"  $ OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 deephemnma {' '.join(cmd)}")
+        last = out / "particles.star"
+        table = read_particles(last)
+        assert table.rotation_matrices is not None
+        truth = euler_to_matrix(np.stack([np.asarray(table.extra[k], float) for k in TRUE], 1))
+        angle = angle_between_rotations_degrees(table.rotation_matrices, truth)
+        turn, left = frame_offset(table.rotation_matrices, truth)
+        n = len(table)
+        step = cpu_map + cpu_fit + cpu_modes + cpu2
+        total += step
+        result = {
+            "fit_rmsd_angstrom": report["compare"]["rmsd_after"],
+            "angle_median": float(np.median(angle)),
+            "angle_p90": float(np.percentile(angle, 90)),
+            "frame_degrees": turn,
+            "modulo_frame_median": float(np.median(left)),
+            "modulo_frame_p90": float(np.percentile(left, 90)),
+            "cpu_s_per_particle_this_round": step / n,
+            "cpu_s_per_particle_so_far": total / n,
+        }
+        results[f"round{r}"] = result
+        print(
+            f"  round {r} (fitted model, align's defaults), n {n}: as found median "
+            f"{result['angle_median']:.2f}°, p90 {result['angle_p90']:.2f}°; modulo the frame "
+            f"(turned {turn:.2f}°) median {result['modulo_frame_median']:.2f}°, p90 "
+            f"{result['modulo_frame_p90']:.2f}° (issue 12's targets: 2° / 4°)\n  CPU-s per "
+            f"particle: map {cpu_map / n:.3f}, fit {cpu_fit / n:.3f}, modes {cpu_modes / n:.3f}, "
+            f"align {cpu2 / n:.3f}; all rounds so far {total / n:.3f} (round 1 {cpu1 / n:.3f})"
+        )
+    return results
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ NMFF (Tama et al. 2004) and iMODfit (Lopéz-Blanco & Chacón 2013) do:
 * coarse to fine (the first cycle at twice, 1.4 times and once the resolution), and the modes
   are **recomputed on the deformed model** after each cycle (``cycles``), so that a hinge can
   close further than one set of modes, computed on the open form, reaches.
+* finally (``local_restraint``), a **local refinement**: every node moves freely, with the
+  atoms that follow it, held by springs between nodes closer than 10 Å to the distances of the
+  mode fit (``local_restraint x`` the mean squared change of their lengths, Å²). The modes
+  leave the domains' inner rearrangements out (closed adenylate kinase fitted from the open
+  form into a map of 600 particles: 1.34 Å Cα RMSD to 1AKE after the modes, 1.04 Å after this
+  stage, and the second round's poses 2.47° -> 2.12° median error, `bench_relion_project.py`).
 
 Frames: with ``centre="map"`` the model's node centroid sits on the map's rotation centre
 (voxel ``n // 2`` of each axis), as in a map reconstructed from particles that were aligned
@@ -49,6 +55,15 @@ __all__ = ["FitStage", "MapBand", "MapFit", "fit_to_map", "render_map"]
 SIGMA_PER_RESOLUTION = 1.0 / (math.pi * math.sqrt(2.0))
 #: Above this many atoms the density is rendered from residue blobs (as `align` does).
 MAX_RENDERED_ATOMS = 10_000
+#: The local refinement's springs join nodes closer than this (Å): neighbours along the chain
+#: and across contacts, which keep secondary structure and packing while domains rearrange.
+LOCAL_SPRING_CUTOFF_ANGSTROM = 10.0
+#: L-BFGS iterations of the local refinement.
+LOCAL_ITERATIONS = 200
+#: The local refinement holds consecutive nodes closer than this (Å, in the starting model:
+#: bonded Cα, 3.8 Å) to their starting distance, this many times more firmly than the other
+#: springs: the mode fit's large non-linear moves stretch some of them by up to 2.5 Å.
+BOND_MAX_ANGSTROM, BOND_WEIGHT = 4.5, 10.0
 
 
 @dataclass(frozen=True)
@@ -177,7 +192,8 @@ def render_map(
 @dataclass(frozen=True)
 class FitStage:
     """One optimisation: cycle (1-based), resolution, correlation before and after, the
-    model's node RMSD from the start of the fit (Å), seconds."""
+    model's node RMSD from the start of the fit (Å), seconds, and what moved: ``"modes"`` (with
+    the rigid body) or ``"local"`` (every node, restrained by springs)."""
 
     cycle: int
     resolution_angstrom: float
@@ -185,6 +201,7 @@ class FitStage:
     correlation: float
     rmsd_from_start_angstrom: float
     seconds: float
+    moves: str = "modes"
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,7 @@ def fit_to_map(
     deformation: Literal["linear", "nonlinear"] = "nonlinear",
     centre: Literal["map", "model"] = "map",
     stiffness: float = 1e-4,
+    local_restraint: float | None = 0.03,
     log: Callable[[str], None] | None = None,
 ) -> MapFit:
     """Deform the model of ``modes`` into ``density`` (module docstring).
@@ -270,6 +288,9 @@ def fit_to_map(
         Where the model sits in the map (module docstring).
     stiffness : float, default 1e-4
         Elastic penalty per Å² of RMS displacement along the softest mode.
+    local_restraint : float or None, default 0.03
+        Weight (per Å²) of the springs that hold the final local refinement (module
+        docstring); None skips that stage. Larger keeps the mode fit's local geometry closer.
     log : callable, optional
         One line per stage.
     """
@@ -277,6 +298,10 @@ def fit_to_map(
         raise InputError(f"--cycles and --iterations must be >= 1, got {cycles}, {iterations}")
     if stiffness < 0:
         raise InputError(f"--stiffness must be >= 0, got {stiffness}")
+    if local_restraint is not None and not local_restraint > 0:
+        raise InputError(
+            f"--local-restraint must be > 0, got {local_restraint} (--no-local skips the stage)"
+        )
     if centre not in ("map", "model"):
         raise InputError(f"--centre must be map or model, got {centre!r}")
     flexible = [int(m) for m in modes.mode_numbers if m > 6]
@@ -402,6 +427,24 @@ def fit_to_map(
             new_atoms[~moving] = (atoms[~moving] - centroid) @ rot.T + tr
             nodes = ref_nodes.deformed(q)[0].double().numpy() @ rot.T + tr
             atoms = new_atoms
+    if local_restraint is not None:
+        t0 = time.perf_counter()
+        k, target, w = band(resolution_angstrom)
+        before = template_score(atoms, nodes)
+        atoms, nodes, after = _local_refinement(
+            atoms, nodes, start_nodes, owner, template, (k, target, w),
+            SIGMA_PER_RESOLUTION * resolution_angstrom, local_restraint,
+        )  # fmt: skip
+        rmsd = float(np.sqrt(((nodes - start_nodes) ** 2).sum(1).mean()))
+        stages.append(
+            FitStage(cycles, resolution_angstrom, before, after, rmsd, time.perf_counter() - t0,
+                     "local")
+        )  # fmt: skip
+        if log is not None:
+            log(
+                f"  local, {resolution_angstrom:5.1f} Å: correlation {before:.4f} -> {after:.4f}, "
+                f"{rmsd:.2f} Å node RMSD from the start, {time.perf_counter() - t0:.1f} s"
+            )
     return MapFit(
         atom_coordinates=atoms,
         node_coordinates=nodes,
@@ -409,6 +452,72 @@ def fit_to_map(
         correlation=template_score(atoms, nodes),
         stages=stages,
     )
+
+
+def _local_refinement(
+    atoms: NDArray[np.float64],
+    nodes: NDArray[np.float64],
+    start_nodes: NDArray[np.float64],
+    owner: NDArray[np.int64],
+    template: Literal["atoms", "residues"],
+    band: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    sigma: float,
+    restraint: float,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+    """Every node displaced freely (its atoms with it; atoms of no node stay), maximising the
+    band's correlation minus ``restraint x`` the mean squared change (Å²) of the lengths of the
+    springs between nodes closer than `LOCAL_SPRING_CUTOFF_ANGSTROM`, and ``BOND_WEIGHT x`` as
+    much for the change of consecutive nodes' distances from their value in ``start_nodes``
+    (the model before the fit: bonds the mode fit stretched are restored); (atoms, nodes, the
+    correlation reached)."""
+    from .nma.network import contact_pairs
+
+    k, target, w = band
+    moving = owner >= 0
+    nodes_t = torch.as_tensor(nodes, dtype=torch.float64)
+    pairs = torch.as_tensor(contact_pairs(nodes, LOCAL_SPRING_CUTOFF_ANGSTROM))
+    i, j = pairs[:, 0], pairs[:, 1]
+    rest = (nodes_t[i] - nodes_t[j]).norm(dim=1)
+    start = torch.as_tensor(start_nodes, dtype=torch.float64)
+    gap = (start[1:] - start[:-1]).norm(dim=1)
+    bonded = torch.nonzero(gap < BOND_MAX_ANGSTROM).flatten()  # (chain breaks left out)
+    bond_length = gap[bonded]
+    # the points rendered, as the mode fit renders them, and the node each one follows
+    ref = ReferenceModel.from_modes(
+        nodes, np.zeros((0, len(nodes), 3)), [], template=template,
+        atom_coordinates=atoms[moving], atom_node=owner[moving], centre_angstrom=np.zeros(3),
+    )  # fmt: skip
+    points = ref.coordinates.double()
+    follows = torch.as_tensor(owner[moving] if template == "atoms" else np.arange(len(nodes)))
+    weights = None if ref.weights is None else ref.weights.double()
+    shift = torch.zeros_like(nodes_t, requires_grad=True)
+
+    def correlation() -> torch.Tensor:
+        re, im = _band_density(points + shift[follows], k, sigma, weights)
+        return _ncc(re, im, target, w)
+
+    opt = torch.optim.LBFGS(
+        [shift], lr=1.0, max_iter=LOCAL_ITERATIONS, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        moved = nodes_t + shift
+        strain = (((moved[i] - moved[j]).norm(dim=1) - rest) ** 2).mean() if len(i) else 0.0
+        if len(bonded):
+            bonds = (moved[bonded + 1] - moved[bonded]).norm(dim=1)
+            strain = strain + BOND_WEIGHT * ((bonds - bond_length) ** 2).mean()
+        loss = -correlation() + restraint * strain
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        reached = float(correlation())
+        d = shift.detach().numpy()
+    new_atoms = atoms.copy()
+    new_atoms[moving] += d[owner[moving]]
+    return new_atoms, nodes + d, reached
 
 
 def _optimise(

@@ -619,4 +619,8 @@ def _second_reference_note(modes: Any, out: Path, group_ids: list[int]) -> list[
         f"deephemnma align {out / 'groups' / g}.star --modes {out / 'groups' / g}_fitted.npz "
         f"--out {out / g}_round2",
         "```",
+        "",
+        f"The same four commands again from round 2's poses ({out / g}_round2/particles.star: "
+        'a sharper map, a closer model) improve the poses once more (README, "How far HEMNMA '
+        'reaches").',
     ]

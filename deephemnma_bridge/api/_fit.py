@@ -31,6 +31,7 @@ def fit_model(
     deformation: Literal["linear", "nonlinear"] = "nonlinear",
     centre: Literal["map", "model"] = "map",
     stiffness: float = 1e-4,
+    local_restraint: float | None = 0.03,
     keep_frame: bool = False,
     compare: str | os.PathLike[str] | None = None,
     compare_chains: str | None = None,
@@ -72,6 +73,9 @@ def fit_model(
         already placed in the map (its coordinates and the map's origin are used as they are).
     stiffness : float, default 1e-4
         Elastic penalty per Å² of RMS displacement along the softest mode.
+    local_restraint : float or None, default 0.03
+        After the cycles, every node (with its atoms) moves freely, held by springs to its
+        neighbours' distances with this weight per Å² (`fitting.fit_to_map`); None skips it.
     keep_frame : bool, default False
         Superpose the fitted model on the starting one (all nodes, Kabsch) before writing it:
         poses found with it then stay in the starting model's frame, comparable with the first
@@ -158,6 +162,7 @@ def fit_model(
         deformation=deformation,
         centre=centre,
         stiffness=stiffness,
+        local_restraint=local_restraint,
         log=None if log is None else lambda line: say(log, line),
     )
     report: dict[str, object] = {
@@ -168,6 +173,7 @@ def fit_model(
         "deformation": deformation,
         "centre": centre,
         "stiffness": stiffness,
+        "local_restraint": local_restraint,
         "cycles": cycles,
         "correlation_start": fit.correlation_start,
         "correlation": fit.correlation,

@@ -12,10 +12,12 @@ reference model into the map, and align the population again with the fitted mod
 The model's density (Gaussians of 0.225 x resolution) is compared with the map in Fourier
 space up to --resolution; the model moves along its flexible modes (following local rotations
 by default), rotates and shifts; the modes are recomputed on the deformed model after each
-cycle. By default the model's Cα centroid sits on the map's centre (voxel n // 2: how a map
-reconstructed from particles aligned against this model is placed); --centre model for a model
-already placed in the map. Writes the fitted model and <out stem>_fit.json (correlation per
-stage).
+cycle. A last, local stage lets every residue move, held by springs to its neighbours
+(--local-restraint; --no-local skips it). Repeating the round (a map of the new poses, fit,
+modes, align) improves both again: see the README's "How far HEMNMA reaches". By default the
+model's Cα centroid sits on the map's centre (voxel n // 2: how a map reconstructed from
+particles aligned against this model is placed); --centre model for a model already placed in
+the map. Writes the fitted model and <out stem>_fit.json (correlation per stage).
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     p("--stiffness", type=float, default=1e-4, help="elastic penalty per Å² RMS (default 1e-4)")
     p(
+        "--local-restraint",
+        type=float,
+        default=0.03,
+        help="after the cycles, every node moves freely, held by springs to its neighbours "
+        "with this weight per Å² (default 0.03)",
+    )
+    p("--no-local", action="store_true", help="skip that local refinement (modes only)")
+    p(
         "--keep-frame",
         action="store_true",
         help="superpose the fitted model on the starting one (all Cα): poses found with it stay "
@@ -76,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
         deformation=args.deformation,
         centre=args.centre,
         stiffness=args.stiffness,
+        local_restraint=None if args.no_local else args.local_restraint,
         keep_frame=args.keep_frame,
         compare=args.compare,
         compare_chains=args.compare_chains,
