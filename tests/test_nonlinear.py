@@ -16,7 +16,7 @@ from deephemnma_bridge.alignment.ctf import CTFParams
 from deephemnma_bridge.alignment.hemnma import AlignmentConfig, ReferenceModel, align_batch
 from deephemnma_bridge.cli import main
 from deephemnma_bridge.evaluation import ground_truth_errors
-from deephemnma_bridge.nma.deform import deform, deform_nonlinear, mode_spins
+from deephemnma_bridge.nma.deform import deform, deform_nonlinear, linear_equivalent, mode_spins
 from deephemnma_bridge.simulate import superpose
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
@@ -80,6 +80,32 @@ def test_a_hinge_closes_on_its_arc_where_the_linear_model_stretches() -> None:
     rot0, shift0 = superpose(nonlinear, xyz)
     np.testing.assert_allclose(rot0, np.eye(3), atol=1e-9)
     np.testing.assert_allclose(shift0, 0.0, atol=1e-9)
+
+
+def test_linear_equivalent_is_the_projection_of_the_arc() -> None:
+    """A 40° hinge closure: the non-linear amplitude q turns domain B on its arc; the linear
+    amplitude that the motion amounts to is the projection of that arc's displacement (in the
+    reference's frame) on the mode, shorter than q (a chord, not the tangent), and small
+    amplitudes are their own equivalent."""
+    xyz, mode, in_b, spin = _hinge()
+    angle = np.radians(40.0)
+    q = angle / np.linalg.norm(spin)
+    exact = np.where(in_b[:, None], xyz @ _rot_z(angle).T, xyz)
+    rot, shift = superpose(exact, xyz)  # deform_nonlinear's frame: superposed on the reference
+    expected = float(mode[0].ravel() @ ((exact @ rot.T + shift) - xyz).ravel())
+    # mode_spins' default 10 Å neighbourhoods straddle the hinge near it: a few % there
+    got = linear_equivalent(xyz, mode, np.array([[q]]))
+    assert got.shape == (1, 1)
+    assert got[0, 0] == pytest.approx(expected, rel=0.03)
+    assert got[0, 0] < 0.97 * q
+    # an elastic network's flexible modes carry no rigid motion: small amplitudes are their own
+    # equivalent (the hinge mode above is not: its net turn is superposed away)
+    from deephemnma_bridge.api import compute_modes
+
+    ak = compute_modes(n_modes=9, log=None).select([7, 8, 9])
+    q_small = np.array([[0.05, -0.03, 0.02]]) * np.sqrt(len(ak.coordinates))  # ~0.06 Å RMS
+    small = linear_equivalent(ak.coordinates, ak.vectors, q_small)
+    np.testing.assert_allclose(small, q_small, rtol=0.02, atol=1e-3)
 
 
 def test_small_amplitudes_give_the_linear_model_back() -> None:

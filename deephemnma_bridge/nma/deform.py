@@ -34,7 +34,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported by callers that use tensors, not here (fast CLI start)
     import torch
 
-__all__ = ["deform", "deform_atoms", "deform_nonlinear", "mode_spins"]
+__all__ = ["deform", "deform_atoms", "deform_nonlinear", "linear_equivalent", "mode_spins"]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
@@ -171,3 +171,27 @@ def deform_nonlinear(
     diag = torch.cat([diag[:, :2], sign[:, None]], dim=1)
     rot = vt.transpose(1, 2) @ torch.diag_embed(diag) @ u.transpose(1, 2)
     return (moved - c_mov) @ rot.transpose(1, 2) + c_ref
+
+
+def linear_equivalent(
+    coordinates: np.ndarray, modes: np.ndarray, amplitudes: np.ndarray
+) -> np.ndarray:
+    """Amplitudes (B, M) of the linear model that the non-linear deformation by ``amplitudes``
+    (B, M) amounts to: the projection of its node displacement on the modes (M, N, 3), each
+    unit-norm over 3N coordinates (so ``u_m . (x(q) - x)``).
+
+    A non-linear amplitude drives a screw motion, not a straight one: to close a hinge on its
+    arc it takes more of some modes than the displacement's projection on them (adenylate
+    kinase closing: 15.2 of mode 9 where the projection of the closed form's displacement is
+    11.1; this gives 12.9). Compare these, not the raw amplitudes, with a displacement's
+    projection (``simulation.json``'s ``projection``).
+    """
+    import torch
+
+    x = np.asarray(coordinates, dtype=np.float64)
+    u = np.asarray(modes, dtype=np.float64)
+    q = np.atleast_2d(np.asarray(amplitudes, dtype=np.float64))
+    spins = torch.as_tensor(mode_spins(x, u))
+    moved = deform_nonlinear(torch.as_tensor(x), torch.as_tensor(u), spins, torch.as_tensor(q))
+    shift = (moved.numpy() - x).reshape(len(q), -1)
+    return shift @ u.reshape(len(u), -1).T
