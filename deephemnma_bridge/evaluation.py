@@ -113,7 +113,6 @@ def frame_offset(
         raise InputError(f"keep must be in (0, 1] and passes >= 1, got {keep}, {passes}")
     chosen = np.ones(len(a), dtype=bool)
     g = np.eye(3)
-    left = np.asarray(angle_between_rotations_degrees(a, t))
     for _ in range(passes):
         u, _, vt = np.linalg.svd(np.einsum("nji,njk->ik", t[chosen], a[chosen]))
         g = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
