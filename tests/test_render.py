@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from scipy.spatial.transform import Rotation
 
 from deephemnma_bridge.alignment.ctf import CTFParams, ctf_2d, fourier_frequencies
@@ -24,7 +23,7 @@ from deephemnma_bridge.device import available_devices
 from deephemnma_bridge.errors import InputError
 
 DEVICES = available_devices()
-SIMPLE = Path("/work/shared/data/relion/simplecryoem")
+SIMPLE = SHARED_DATA / "relion" / "simplecryoem"
 
 # an asymmetric model: no rotation maps it onto itself
 MODEL = np.array(
