@@ -70,7 +70,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -82,16 +81,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _refit import CLI, refit_round, timed, true_rotations
 from numpy.typing import NDArray
 
 from deephemnma_bridge.adapters import read_particles, write_particles
-from deephemnma_bridge.conventions import angle_between_rotations_degrees, euler_to_matrix
-from deephemnma_bridge.evaluation import frame_offset, ground_truth_errors
+from deephemnma_bridge.conventions import angle_between_rotations_degrees
+from deephemnma_bridge.evaluation import ground_truth_errors
 from deephemnma_bridge.nma import NormalModes
 from deephemnma_bridge.nma.deform import linear_equivalent
 from deephemnma_bridge.particles import ParticleTable
 
-CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
 #: align options of the large and mix cases: the motion is a large hinge closure
 LARGE_ALIGN = ("--deformation", "nonlinear", "--population-search", "2")
@@ -121,16 +120,7 @@ def run(
             port = str(s.getsockname()[1])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
         cmd += ["--master_port", port, "-m", "deephemnma_bridge.cli", *args]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
-    )
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wall, cpu, _ = timed(cmd, env)
     return wall, cpu
 
 
@@ -202,12 +192,6 @@ def unfolded(aligned: Path) -> ParticleTable:
     return table.with_poses(
         np.einsum("nij,nkj->nik", table.rotation_matrices, g), table.shifts_angstrom
     )
-
-
-def true_rotations(table: ParticleTable) -> NDArray[np.float64]:
-    """The simulator's true poses (n, 3, 3), from the ``_dhnTrueAngle*`` columns."""
-    e = table.extra
-    return euler_to_matrix(np.stack([e[f"dhnTrueAngle{a}"] for a in ("Rot", "Tilt", "Psi")], 1))
 
 
 def true_angles(table: ParticleTable) -> NDArray[np.float64]:
@@ -376,60 +360,28 @@ def case_refit(work: Path, args: argparse.Namespace) -> None:
         print("  refit    relion_reconstruct not found: rounds 2+ skipped (apt-get install relion)")
         return
     costs = [f"round 1 {cpu1 / n:.3f}"]
-    total = cpu1
+    total, previous = cpu1, out
+    folder = work / "refit"  # round{r}.mrc, fitted{r}.pdb / .npz, aligned_round{r}/
+    folder.mkdir(exist_ok=True)
     for r in range(2, rounds + 1):
-        density = work / f"refit_round{r - 1}.mrc"
-        t0 = time.perf_counter()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        done = subprocess.run(
-            # image paths in align's STAR are relative to the directory it ran in (this one)
-            ["relion_reconstruct", "--i", str(out), "--o", str(density), "--ctf"],
-            capture_output=True, text=True, check=False,
+        done = refit_round(
+            r, previous, sim / "particles.star", folder, pdb=DATA / "4ake.pdb",
+            chains="A", compare=DATA / "1ake.pdb", compare_chains="A",
+            fit_args=args.fit_args.split(), align_args=["--device", args.device],
         )  # fmt: skip
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if done.returncode != 0:
-            raise SystemExit(
-                f"relion_reconstruct failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
-            )
-        cpu_map = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        previous = done.star
+        s = errors(done.table)
+        row(f"refit round {r} (fitted)", n, s, done.cpu_align, done.wall_align)
+        left = done.modulo_frame
         print(
-            f"  refit    relion_reconstruct of round {r - 1}'s poses: "
-            f"{time.perf_counter() - t0:.0f} s, {cpu_map:.0f} CPU-s"
-        )
-        fitted = work / f"refit_fitted{r}.pdb"
-        for stale in (fitted, work / f"refit_fitted{r}_fit.json"):
-            stale.unlink(missing_ok=True)
-        wall_fit, cpu_fit = run(
-            ["fit", str(DATA / "4ake.pdb"), str(density), "--chains", "A", "--keep-frame",
-             "--out", str(fitted), "--compare", str(DATA / "1ake.pdb"), "--compare-chains", "A",
-             *args.fit_args.split()],
-        )  # fmt: skip
-        report = json.loads((work / f"refit_fitted{r}_fit.json").read_text())
-        rmsd, turned = report["compare"], report["keep_frame"]["rotation_degrees"]
-        print(
-            f"  refit    fit {args.fit_args or '(defaults)'}: correlation "
-            f"{report['correlation_start']:.3f} -> {report['correlation']:.3f}, Cα RMSD to 1AKE "
-            f"{rmsd['rmsd_before']:.2f} -> {rmsd['rmsd_after']:.2f} Å, turned {turned:.2f}° back "
-            f"to 4AKE's frame; {wall_fit:.0f} s, {cpu_fit:.0f} CPU-s"
-        )
-        modes = work / f"refit_fitted{r}.npz"
-        _, cpu_modes = run(["modes", str(fitted), "--out", str(modes), "--overwrite"])
-        out, wall2, cpu2 = align(
-            work, f"refit_round{r}", sim / "particles.star", modes, [7, 8, 9], [], args.device
-        )
-        table = read_particles(out)
-        s = errors(table)
-        row(f"refit round {r} (fitted)", n, s, cpu2, wall2)
-        assert table.rotation_matrices is not None
-        turn, left = frame_offset(table.rotation_matrices, true_rotations(table))
-        print(
-            f"  refit    round {r} modulo the frame (turned {turn:.2f}°): median "
+            f"  refit    round {r} modulo the frame (turned {done.frame_degrees:.2f}°): median "
             f"{np.median(left):.2f}°, p90 {np.percentile(left, 90):.2f}°"
         )
         costs.append(
-            f"map {cpu_map / n:.3f}, fit {(cpu_fit + cpu_modes) / n:.3f}, round {r} {cpu2 / n:.3f}"
+            f"map {done.cpu_map / n:.3f}, fit {(done.cpu_fit + done.cpu_modes) / n:.3f}, "
+            f"round {r} {done.cpu_align / n:.3f}"
         )
-        total += cpu_map + cpu_fit + cpu_modes + cpu2
+        total += done.cpu
     last = f"round {rounds}"
     check("refit", f"{last} median angle (°), n={n}", s["angle_median"], "<=", 2.0, ".2f")
     check("refit", f"{last} p90 angle (°)", s["angle_p90"], "<=", 4.0, ".2f")

@@ -73,12 +73,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -88,6 +84,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import starfile
+from _refit import CLI, TRUE, refit_round, timed, true_rotations
 from numpy.typing import NDArray
 from scipy.spatial.transform import Rotation
 
@@ -98,35 +95,23 @@ from deephemnma_bridge.conventions import (
     euler_to_matrix,
     matrix_to_euler,
 )
-from deephemnma_bridge.evaluation import frame_offset, ground_truth_errors
+from deephemnma_bridge.evaluation import ground_truth_errors
 from deephemnma_bridge.nma import NormalModes
 from deephemnma_bridge.nma.deform import linear_equivalent
 from deephemnma_bridge.nma.modes import parse_mode_numbers
 from deephemnma_bridge.simulate import project_displacement
 
-CLI = [sys.executable, "-m", "deephemnma_bridge.cli"]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
 #: align options of the --conformation case (bench_hemnma.py's large case)
 CONFORMATION_ALIGN = "--deformation nonlinear --population-search 2"
 CONFORMATION_MODES = "7-12"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TRUE = ("dhnTrueAngleRot", "dhnTrueAngleTilt", "dhnTrueAnglePsi")
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> tuple[float, float, str]:
-    """(wall s, CPU s of the process and its children, stdout) of one command; exits on failure."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=ENV, cwd=cwd)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(
-            f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-2000:]}\n"
-            f"{done.stderr[-3000:]}"
-        )
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, done.stdout
+    """(wall s, CPU s of the process and its children, stdout) of one command at 1 thread
+    (`_refit.timed`); exits on failure."""
+    return timed(cmd, ENV, cwd)
 
 
 def read_model(path: Path, chains: list[str] | None) -> gemmi.Structure:
@@ -435,7 +420,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         s = ground_truth_errors(table)["all"]
-    truth = euler_to_matrix(np.stack([np.asarray(table.extra[k], float) for k in TRUE], 1))
+    truth = true_rotations(table)
     assert table.rotation_matrices is not None
     angle = angle_between_rotations_degrees(table.rotation_matrices, truth)
     inverse = angle_between_rotations_degrees(table.rotation_matrices, truth.transpose(0, 2, 1))
@@ -549,65 +534,30 @@ def main() -> None:
 
 
 def refit(work: Path, args: argparse.Namespace, round1: Path, cpu1: float) -> dict[str, Any]:
-    """Rounds 2.. (``--refit N``): each a map of the last round's poses, --pdb fitted into
-    it, aligned again with the fitted model's modes; scores of every round."""
+    """Rounds 2.. (``--refit N``, `_refit.refit_round`): each a map of the last round's poses,
+    --pdb fitted into it, aligned again with the fitted model's modes; scores of every round."""
     if shutil.which("relion_reconstruct") is None:
         raise SystemExit("--refit needs relion_reconstruct on PATH (RELION 3.1)")
     last, total, results = round1, cpu1, {}
     for r in range(2, args.refit + 1):
-        density = work / f"round{r - 1}.mrc"
-        cmd = ["relion_reconstruct", "--i", str(last), "--o", str(density), "--ctf"]
-        _, cpu_map, _ = run(cmd)
-        print(f"\n  $ {' '.join(cmd)}  ({cpu_map:.1f} CPU-s)")
-        fitted = work / f"fitted{r}.pdb"
-        cmd = ["fit", str(args.pdb), str(density), "--chains", args.chains, "--keep-frame"]
-        cmd += ["--out", str(fitted), "--compare", str(args.conformation)]
-        cmd += ["--compare-chains", args.conformation_chains, "--overwrite"]
-        cmd += args.fit_args.split()
-        _, cpu_fit, _ = run([*CLI, *cmd])
-        report = json.loads((work / f"fitted{r}_fit.json").read_text())
-        print(
-            f"  $ deephemnma {' '.join(cmd)}\n  fit: correlation "
-            f"{report['correlation_start']:.3f} -> {report['correlation']:.3f}, Cα RMSD to "
-            f"{args.conformation.name} {report['compare']['rmsd_before']:.2f} -> "
-            f"{report['compare']['rmsd_after']:.2f} Å, turned "
-            f"{report['keep_frame']['rotation_degrees']:.2f}° back to {args.pdb.name}'s frame "
-            f"({cpu_fit:.1f} CPU-s)"
-        )
-        modes = work / f"fitted{r}.npz"
-        _, cpu_modes, _ = run([*CLI, "modes", str(fitted), "--out", str(modes), "--overwrite"])
-        out = work / f"aligned_round{r}"
-        cmd = ["align", str(round1), "--modes", str(modes), "--use-modes", "7,8,9"]
-        cmd += ["--out", str(out), "--threads", "1", "--device", "cpu", "--overwrite"]
-        _, cpu2, _ = run([*CLI, *cmd])
-        print(f"  $ OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 deephemnma {' '.join(cmd)}")
-        last = out / "particles.star"
-        table = read_particles(last)
-        assert table.rotation_matrices is not None
-        truth = euler_to_matrix(np.stack([np.asarray(table.extra[k], float) for k in TRUE], 1))
-        angle = angle_between_rotations_degrees(table.rotation_matrices, truth)
-        turn, left = frame_offset(table.rotation_matrices, truth)
-        n = len(table)
-        step = cpu_map + cpu_fit + cpu_modes + cpu2
-        total += step
-        result = {
-            "fit_rmsd_angstrom": report["compare"]["rmsd_after"],
-            "angle_median": float(np.median(angle)),
-            "angle_p90": float(np.percentile(angle, 90)),
-            "frame_degrees": turn,
-            "modulo_frame_median": float(np.median(left)),
-            "modulo_frame_p90": float(np.percentile(left, 90)),
-            "cpu_s_per_particle_this_round": step / n,
-            "cpu_s_per_particle_so_far": total / n,
-        }
+        print()
+        done = refit_round(
+            r, last, round1, work, pdb=args.pdb, chains=args.chains, compare=args.conformation,
+            compare_chains=args.conformation_chains, fit_args=args.fit_args.split(),
+            align_args=["--threads", "1", "--device", "cpu"], env=ENV,
+        )  # fmt: skip
+        last, n = done.star, len(done.table)
+        total += done.cpu
+        result = {**done.summary(), "cpu_s_per_particle_so_far": total / n}
         results[f"round{r}"] = result
         print(
             f"  round {r} (fitted model, align's defaults), n {n}: as found median "
             f"{result['angle_median']:.2f}°, p90 {result['angle_p90']:.2f}°; modulo the frame "
-            f"(turned {turn:.2f}°) median {result['modulo_frame_median']:.2f}°, p90 "
-            f"{result['modulo_frame_p90']:.2f}° (issue 12's targets: 2° / 4°)\n  CPU-s per "
-            f"particle: map {cpu_map / n:.3f}, fit {cpu_fit / n:.3f}, modes {cpu_modes / n:.3f}, "
-            f"align {cpu2 / n:.3f}; all rounds so far {total / n:.3f} (round 1 {cpu1 / n:.3f})"
+            f"(turned {done.frame_degrees:.2f}°) median {result['modulo_frame_median']:.2f}°, "
+            f"p90 {result['modulo_frame_p90']:.2f}° (issue 12's targets: 2° / 4°)\n  CPU-s per "
+            f"particle: map {done.cpu_map / n:.3f}, fit {done.cpu_fit / n:.3f}, modes "
+            f"{done.cpu_modes / n:.3f}, align {done.cpu_align / n:.3f}; all rounds so far "
+            f"{total / n:.3f} (round 1 {cpu1 / n:.3f})"
         )
     return results
 
