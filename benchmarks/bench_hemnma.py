@@ -345,11 +345,12 @@ def case_large(work: Path, args: argparse.Namespace) -> None:
         + " ".join(f"{v:.2f}" for v in off)
         + " (the projection is the linear model's answer; the best fit is the deformation's)"
     )
-    print(
-        "  large    the poses above are round 1 alone, with the open form's modes: the model's "
-        "floor (from the true poses) is above 2°; the refit case's further rounds (a map, the "
-        "open model fitted into it, its modes) are how the pose target is reached"
-    )
+    if s["angle_median"] > 2.0:
+        print(
+            "  large    these poses are round 1 alone, with the open form's modes (their floor, "
+            "from the true poses: above); the refit case's further rounds (a map, the open "
+            "model fitted into it, its modes) are how the pose target is reached"
+        )
 
 
 def case_refit(work: Path, args: argparse.Namespace) -> None:
