@@ -23,8 +23,9 @@
 4. Inference throughput on every simulated particle: end to end (``deephemnma predict``:
    stack -> STAR, the loop's rate as the command prints it) and the bare forward pass of the
    same network (the checkpoint's architecture and weights, eval, no grad) on a random tensor
-   of the same size and batch (``--infer-batch``), over every thread and, with more than one,
-   as one 1-thread forward per thread side by side (how ``predict`` runs on the CPU),
+   of the same size and batch (``--infer-batch``: predict's default, 256), with glibc's
+   heap held steady (`steady_heap`), over every thread and, with more than one, as one
+   1-thread forward per thread side by side (how ``predict`` runs on the CPU),
    alternated ``--runs`` (2) times in the same run; medians, the ratio to the faster bare
    pass and the load averages. ``--throughput-only`` runs just this step
    with an existing ``--work``/``--net`` on ``--particles`` (default ``--work``/sim).
@@ -49,6 +50,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -67,6 +69,7 @@ import torch
 
 from deephemnma_bridge.adapters import read_particles, write_particles
 from deephemnma_bridge.adapters.images import portable_image_paths
+from deephemnma_bridge.api._predict import BATCH_SIZE
 from deephemnma_bridge.evaluation import ground_truth_errors
 from deephemnma_bridge.training.trainer import load_checkpoint
 
@@ -115,7 +118,12 @@ def main() -> None:
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--size", type=int, default=None, help="network input px (preset's)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch")
-    parser.add_argument("--infer-batch", type=int, default=128, help="inference batch")
+    parser.add_argument(
+        "--infer-batch",
+        type=int,
+        default=BATCH_SIZE["network"],
+        help="inference batch (predict's default for the network alone)",
+    )
     parser.add_argument("--lr-step", type=int, default=None, help="lr / 10 every N epochs")
     parser.add_argument("--augment", action="store_true", help="in-plane rotation augmentation")
     parser.add_argument("--refine", type=int, default=0, help="also predict + N HEMNMA steps")
@@ -147,6 +155,7 @@ def main() -> None:
         "each lane, which warms up, weighs less)",
     )
     args = parser.parse_args()
+    steady_heap()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_network_"))
     work.mkdir(parents=True, exist_ok=True)
     if args.throughput_only:
@@ -309,6 +318,32 @@ def topk_report(net: Path, particles: Path, k: int) -> None:
         f"{100 * np.mean(good):.1f} %; median confidence right {right:.3f}, wrong {wrong:.3f}",
         flush=True,
     )
+
+
+def steady_heap() -> None:
+    """Serve this process's blocks below 32 MiB from glibc's heap and keep up to 64 MiB freed
+    there, so that the bare forward pass (`bare_forward`) is not slowed by glibc's default.
+
+    By default glibc maps blocks above a threshold that moves with what was freed last: in
+    this process, after the loading and the first passes, two bare 1-thread lanes (ResNet34,
+    32 px, batches of 128) often kept mapping fresh pages for their activations, 52-56 page
+    faults per image at 1,514-1,557 images/s, and sometimes not (7 faults, 1,678/s); with these
+    settings 7 faults and 1,633-1,687/s in every run (2026-12-03). `deephemnma predict` does
+    not fall into that state (12,000 particles: 1,677-1,747 particles/s and 208,000-282,000
+    page faults, most at start-up, with these settings or without), so it runs without them;
+    the bare pass with them is the steadier, faster reference. Either setting alone is worse
+    (glibc then stops moving the other threshold). No effect outside glibc, or when the
+    environment sets malloc."""
+    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (glibc's own symbol)
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    made = libc.mallopt(m_mmap_threshold, 32 << 20) + libc.mallopt(m_trim_threshold, 64 << 20)
+    print(f"glibc heap held steady for the bare pass: {made == 2}", flush=True)
 
 
 def bare_forward(net: Path, batch: int, seconds: float = 5.0, lanes: int = 1) -> float:

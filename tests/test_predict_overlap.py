@@ -20,6 +20,7 @@ from deephemnma_bridge.api import _predict
 from deephemnma_bridge.api._predict import overlapped
 from deephemnma_bridge.api._sharded import in_lanes
 from deephemnma_bridge.conventions import euler_to_matrix
+from deephemnma_bridge.errors import InputError
 from deephemnma_bridge.particles import ParticleTable
 
 THREAD = "deephemnma-predict"
@@ -415,3 +416,69 @@ def test_inplane_views_stack_the_turns_view_by_view() -> None:
     torch.testing.assert_close(views[3:6], rotate_images(x, torch.full((3,), np.pi / 4)))
     with pytest.raises(ValueError, match="n_views"):
         inplane_views(x, 0)
+
+
+def test_default_batch_is_larger_for_the_network_alone(
+    network: tuple[ParticleTable, api.TrainedNetwork],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without ``batch_size``, `predict` batches `BATCH_SIZE`["network"] particles for the
+    networks alone and ["hemnma"] when modes bring HEMNMA's cost in; a batch size below 1 is
+    refused, naming the option."""
+    particles, net = network
+    sizes: list[int] = []
+    real = preprocess.preprocess_images
+
+    def noted(images: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if kwargs["config"].output_size_px == 32:  # the network's input, not HEMNMA's
+            sizes.append(len(images))
+        return real(images, **kwargs)
+
+    monkeypatch.setattr(preprocess, "preprocess_images", noted)
+    monkeypatch.setattr(_predict, "BATCH_SIZE", {"network": 7, "hemnma": 4})
+    options: dict[str, Any] = {"workers": 0, "device": "cpu", "progress": False, "log": None}
+    api.predict(particles, net, out=tmp_path / "alone", **options)
+    assert sorted(sizes) == [2, 7, 7, 7]
+    sizes.clear()
+    modes = net.path.parent / "sim" / "modes.npz"  # the fixture's simulation
+    api.predict(particles, net, out=tmp_path / "cost", modes=modes, **options)
+    assert sorted(sizes) == [3, 4, 4, 4, 4, 4]
+    with pytest.raises(InputError, match="--batch-size must be >= 1"):
+        api.predict(particles, net, out=tmp_path / "none", batch_size=0, **options)
+    assert not (tmp_path / "none").exists()
+
+
+def test_decoding_one_candidate_without_refinement_keeps_the_pose_and_confidence(
+    network: tuple[ParticleTable, api.TrainedNetwork],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The grid head's later candidates only seed refinement: without ``refine_steps``
+    `predict` decodes the first alone, whose pose and confidence are those of decoding
+    ``top_k``; with refinement it decodes ``top_k``."""
+    from deephemnma_bridge.training import targets
+
+    particles, net = network
+    spec = targets.TargetSpec.from_dict(net.meta["target"])
+    torch.manual_seed(0)
+    scores = torch.randn(23, spec.n_outputs) * 3
+    four, one = targets.decode(spec, scores, top_k=4), targets.decode(spec, scores, top_k=1)
+    for key in ("rotations", "confidence", "amplitudes", "shifts"):
+        if key in four:
+            np.testing.assert_array_equal(one[key], four[key], key)
+    assert one["candidates"].shape[1] == 1 and four["candidates"].shape[1] == 4
+    asked: list[int] = []
+    real = targets.decode
+
+    def noted(spec: Any, outputs: torch.Tensor, *, top_k: int) -> dict[str, np.ndarray]:
+        asked.append(top_k)
+        return real(spec, outputs, top_k=top_k)
+
+    monkeypatch.setattr(targets, "decode", noted)
+    _predict_to(particles, net, tmp_path / "alone", top_k=4)
+    assert set(asked) == {1}
+    asked.clear()
+    modes = net.path.parent / "sim" / "modes.npz"
+    _predict_to(particles, net, tmp_path / "refined", top_k=3, modes=modes, refine_steps=2)
+    assert set(asked) == {3}

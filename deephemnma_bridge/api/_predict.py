@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ..alignment.ctf import CTFParams
 
-__all__ = ["NetworkLike", "fallback_threshold", "overlapped", "predict"]
+__all__ = ["BATCH_SIZE", "NetworkLike", "fallback_threshold", "overlapped", "predict"]
 
 #: A trained network: a `TrainedNetwork`, a training folder (its best.pt) or a .pt file.
 NetworkLike = TrainedNetwork | str | os.PathLike[str]
@@ -56,6 +56,13 @@ OVERLAP: bool | None = None
 #: thread 786-839); and the serial steps of one lane (reading, decoding) run while the other
 #: lane computes (`benchmarks/bench_network.py --throughput-only`).
 LANES: int | None = None
+
+#: `predict`'s default particles per batch (``batch_size`` None): "network" for the networks
+#: alone, "hemnma" when modes bring HEMNMA in (its cost and refinement run per batch, with
+#: memory that grows with it). Measured: two bare 1-thread lanes of ResNet34 at 32 px ran
+#: 1,394-1,403 images/s in batches of 64, 1,519-1,585 of 128, 1,653-1,713 of 256 and
+#: 1,666-1,688 of 512 (idle 2-core machine, 2026-12-03): the weights are read once a batch.
+BATCH_SIZE = {"network": 256, "hemnma": 64}
 
 _B = TypeVar("_B")
 _Y = TypeVar("_Y")
@@ -185,7 +192,7 @@ def predict(
     tta: int = 0,
     fallback_confidence: float | None = None,
     hemnma: ParticlesLike | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int = -1,
     checkpoint_every: int = 2048,
     restart: bool = False,
@@ -230,8 +237,11 @@ def predict(
         Grid head: re-align the particles whose pose confidence is below this.
     hemnma : ParticleTable or path, optional
         `align`'s output, whose particles keep their HEMNMA values (``dhnSource`` hemnma).
-    batch_size, workers, checkpoint_every : int
-        Particles per batch, DataLoader workers (-1: auto), particles between checkpoints.
+    batch_size : int, optional
+        Particles per batch; default `BATCH_SIZE`: 256 for the networks alone, 64 when
+        ``modes`` brings HEMNMA in (its cost, refinement or fallback per batch).
+    workers, checkpoint_every : int
+        DataLoader workers (-1: auto), particles between checkpoints.
     restart : bool, default False
         Discard an unfinished earlier run instead of resuming it.
     overwrite : bool, default False
@@ -345,6 +355,10 @@ def predict(
         raise InputError(f"--refine must be >= 0 iterations, got {refine_steps}")
     if top_k < 1:
         raise InputError(f"--top-k must be >= 1, got {top_k}")
+    if batch_size is None:
+        batch_size = BATCH_SIZE["hemnma" if modes is not None else "network"]
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if tta < 0:
         raise InputError(f"--tta must be >= 0 views (0: off), got {tta}")
     grid_head = any(spec.grid is not None for _, _, spec in nets)
@@ -495,17 +509,24 @@ def predict(
                 amplitudes = spec.slices.get("amplitudes")
                 if tta > 1 and amplitudes is not None:
                     turned = inplane_views(x, tta)[len(x) :]  # the first view is x itself
-                    more = model(turned[:, None]).float()[:, amplitudes]
+                    # a batch's worth of views a pass: the memory of a batch, whatever tta
+                    more = torch.cat(
+                        [model(v[:, None]).float()[:, amplitudes] for v in turned.split(len(x))]
+                    )
                     y = y.clone()
                     extra = more.reshape(tta - 1, len(x), -1).sum(0)
                     y[:, amplitudes] = (y[:, amplitudes] + extra) / tta
             outputs.append(y)
         return outputs
 
+    # the grid head's later candidates only serve as refinement starts; the first (pose,
+    # confidence) is the same whatever their number, and decoding 4 costs 1.8x decoding 1
+    candidates = top_k if refine_steps and reference is not None else 1
+
     def decoded(outputs: list[torch.Tensor]) -> dict[str, np.ndarray]:
         pred: dict[str, np.ndarray] = {}
         for (_, _, spec), y in zip(nets, outputs, strict=True):
-            pred.update(decode(spec, y, top_k=top_k))
+            pred.update(decode(spec, y, top_k=candidates))
         return pred
 
     def finish(batch: _Batch, pred: dict[str, np.ndarray]) -> None:

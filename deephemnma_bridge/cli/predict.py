@@ -88,7 +88,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="align output whose particles keep their HEMNMA values (_dhnSource hemnma)",
     )
-    p("--batch-size", type=int, default=64)
+    p(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="particles per batch (default 256 for the network alone, 64 with --modes)",
+    )
     p(
         "--workers",
         type=int,
