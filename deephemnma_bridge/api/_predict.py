@@ -59,9 +59,10 @@ LANES: int | None = None
 
 #: `predict`'s default particles per batch (``batch_size`` None): "network" for the networks
 #: alone, "hemnma" when modes bring HEMNMA in (its cost and refinement run per batch, with
-#: memory that grows with it). Measured: two bare 1-thread lanes of ResNet34 at 32 px ran
-#: 1,394-1,403 images/s in batches of 64, 1,519-1,585 of 128, 1,653-1,713 of 256 and
-#: 1,666-1,688 of 512 (idle 2-core machine, 2026-12-03): the weights are read once a batch.
+#: memory that grows with it). A forward pass has a fixed cost (ResNet34 at 32 px, 1 thread:
+#: 47 ms for 16 images, 103 for 64, 190 for 128); two bare 1-thread lanes ran 1,394-1,403
+#: images/s in batches of 64, 1,519-1,585 of 128, 1,653-1,713 of 256 and 1,666-1,688 of 512
+#: (idle 2-core machine, 2026-12-03).
 BATCH_SIZE = {"network": 256, "hemnma": 64}
 
 _B = TypeVar("_B")
