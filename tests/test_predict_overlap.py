@@ -18,7 +18,7 @@ import deephemnma_bridge.preprocess as preprocess
 from deephemnma_bridge import api
 from deephemnma_bridge.api import _predict
 from deephemnma_bridge.api._predict import overlapped
-from deephemnma_bridge.api._sharded import in_lanes
+from deephemnma_bridge.api._sharded import in_lanes, lane_batches
 from deephemnma_bridge.conventions import euler_to_matrix
 from deephemnma_bridge.errors import InputError
 from deephemnma_bridge.particles import ParticleTable
@@ -141,6 +141,26 @@ def test_lanes_take_every_batch_once_through_every_step() -> None:
     assert not _background_threads()
     in_lanes(*_lane_steps(0, log), lanes=2)  # no batch at all
     assert not _background_threads()
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "lanes", "sizes"),
+    [
+        (23, 5, 1, [5, 5, 5, 5, 3]),
+        (23, 5, 2, [4, 4, 4, 4, 4, 3]),
+        (12000, 256, 2, [250] * 48),
+        (7, 5, 2, [4, 3]),
+        (10, 5, 3, [4, 3, 3]),
+        (0, 5, 2, []),
+    ],
+)
+def test_lane_batches_end_together(n: int, batch: int, lanes: int, sizes: list[int]) -> None:
+    """`lane_batches`: every position once, in order, in batches of at most ``batch``; with
+    several lanes a multiple of ``lanes`` batches (or fewer when fewer positions), sizes
+    within one of each other."""
+    got = lane_batches(n, batch, lanes)
+    assert [len(b) for b in got] == sizes
+    assert np.array_equal(np.concatenate([np.arange(0), *got]), np.arange(n))
 
 
 @pytest.mark.parametrize(
@@ -320,7 +340,7 @@ def test_lanes_give_the_results_of_one_lane_and_resume(
     monkeypatch.setattr(_predict, "LANES", 2)
     threads.clear()
     two = _predict_to(particles, net, tmp_path / "two")
-    assert len(threads) == 5  # 5 batches, each preprocessed once
+    assert len(threads) == 6  # 6 batches (5 of 4, one of 3: `lane_batches`), each preprocessed once
     assert set(threads) == {threading.current_thread().name, f"{LANE}_0"}
     _assert_same(one, two)
     out = tmp_path / "resumed"
@@ -329,7 +349,7 @@ def test_lanes_give_the_results_of_one_lane_and_resume(
     failing["third call"] = True
     with pytest.raises(OSError, match="disk gone"):
         _predict_to(particles, net, out)
-    assert np.load(state)["done"].sum() in (5, 10)  # the other lane's batch(es) stored
+    assert np.load(state)["done"].sum() in (4, 8)  # the other lane's batch(es) stored
     failing["third call"] = False
     assert not _background_threads()
     _assert_same(_predict_to(particles, net, out), one)
@@ -437,6 +457,7 @@ def test_default_batch_is_larger_for_the_network_alone(
 
     monkeypatch.setattr(preprocess, "preprocess_images", noted)
     monkeypatch.setattr(_predict, "BATCH_SIZE", {"network": 7, "hemnma": 4})
+    monkeypatch.setattr(_predict, "LANES", 1)  # one lane: full batches, then the rest
     options: dict[str, Any] = {"workers": 0, "device": "cpu", "progress": False, "log": None}
     api.predict(particles, net, out=tmp_path / "alone", **options)
     assert sorted(sizes) == [2, 7, 7, 7]

@@ -27,7 +27,7 @@ from ._common import (
     read_table,
     say,
 )
-from ._sharded import in_lanes, lane_count
+from ._sharded import in_lanes, lane_batches, lane_count
 from ._train import TrainedNetwork
 
 if TYPE_CHECKING:
@@ -459,9 +459,12 @@ def predict(
     todo_local = run.todo  # positions in this rank's slice
     todo = run.mine[todo_local]
     data = ParticleBatches(ParticleImages(table), todo, ctf[todo])
-    batches = torch.utils.data.BatchSampler(
-        torch.utils.data.SequentialSampler(data), batch_size, drop_last=False
-    )
+    lanes = 1
+    if dev.type == "cpu":
+        lanes = lane_count(
+            torch.get_num_threads() if LANES is None else LANES, len(todo), batch_size
+        )
+    batches = lane_batches(len(todo), batch_size, lanes)
     stream = torch.utils.data.DataLoader(
         data,
         batch_size=None,
@@ -608,10 +611,6 @@ def predict(
     t0 = time.perf_counter()
     with torch.no_grad(), run.guard():
         loaded = iter(stream)  # DataLoader workers, if any, start here
-        lanes = 1
-        if dev.type == "cpu":
-            wanted = torch.get_num_threads() if LANES is None else LANES
-            lanes = lane_count(wanted, len(todo), batch_size)
         if lanes > 1:
             in_lanes(prepare, forward, decoded, finish, lanes=lanes)
         else:

@@ -29,7 +29,14 @@ import torch
 from ..errors import InputError
 from ..fileutils import atomic_path
 
-__all__ = ["ShardedRun", "check_images", "in_lanes", "input_identity", "lane_count"]
+__all__ = [
+    "ShardedRun",
+    "check_images",
+    "in_lanes",
+    "input_identity",
+    "lane_batches",
+    "lane_count",
+]
 
 _B = TypeVar("_B")
 _Y = TypeVar("_Y")
@@ -250,6 +257,19 @@ def lane_count(wanted: int, n_todo: int, batch_size: int) -> int:
     """Lanes of a CPU run (`in_lanes`): ``wanted``, at most one per batch of the ``n_todo``
     particles left, at least one."""
     return max(1, min(wanted, -(-n_todo // batch_size)))
+
+
+def lane_batches(n: int, batch_size: int, lanes: int) -> list[np.ndarray]:
+    """Positions ``0 .. n-1`` in consecutive batches of at most ``batch_size``. One lane: full
+    batches, then the rest. Several: a multiple of ``lanes`` batches whose sizes differ by at
+    most one, so that the lanes run out of work together instead of one finishing a last
+    batch alone while the other cores wait. Measured with `predict` on 2 lanes, batches of
+    256 (idle 2-core machine, 2026-12-03, alternated): 300 particles ran at 1,319-1,373/s
+    (150 + 150) against 811-892 (256 + 44); 12,000 at 1,588-1,640 against 1,581-1,615."""
+    if lanes <= 1 or n == 0:
+        return [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    count = lanes * -(-n // (lanes * batch_size))
+    return [b for b in np.array_split(np.arange(n), count) if len(b)]
 
 
 def in_lanes(
