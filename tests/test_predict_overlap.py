@@ -349,7 +349,9 @@ def test_lanes_give_the_results_of_one_lane_and_resume(
     failing["third call"] = True
     with pytest.raises(OSError, match="disk gone"):
         _predict_to(particles, net, out)
-    assert np.load(state)["done"].sum() in (4, 8)  # the other lane's batch(es) stored
+    # kept: the batches (of 4) of the first two preprocessing calls, and one that the other
+    # lane may have begun before the failing third call stopped it
+    assert np.load(state)["done"].sum() in (4, 8, 12)
     failing["third call"] = False
     assert not _background_threads()
     _assert_same(_predict_to(particles, net, out), one)
