@@ -523,9 +523,10 @@ def predict(
             outputs.append(y)
         return outputs
 
-    # the grid head's later candidates only serve as refinement starts; the first (pose,
-    # confidence) is the same whatever their number, and decoding 4 costs 1.8x decoding 1
-    candidates = top_k if refine_steps and reference is not None else 1
+    # the grid head's later candidates only serve as refinement starts (--refine, which needs
+    # --modes); the first (pose, confidence) is the same whatever their number, and decoding
+    # 4 costs 1.8x decoding 1
+    candidates = top_k if refine_steps else 1
 
     def decoded(outputs: list[torch.Tensor]) -> dict[str, np.ndarray]:
         pred: dict[str, np.ndarray] = {}
